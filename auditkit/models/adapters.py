@@ -1,0 +1,288 @@
+"""Model adapters: one interface in image space ([0, 1], H x W grayscale) over Keras, SavedModel and ONNX models."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import AuditkitError
+from .spec import ModelSpec
+
+# log(max(p, PROB_FLOOR)): a floor far below Keras' 1e-7 keeps a gradient for targets the model deems near-impossible.
+PROB_FLOOR = 1e-30
+PREDICT_BATCH = 64
+
+
+def configure_tensorflow() -> Any:
+    """Import TF once, with threading chosen for this 2-core CPU: all cores inside an op, ops one at a time.
+
+    The UAP loop is a chain of dependent small ops, so inter-op parallelism only adds scheduling overhead.
+    """
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    if not getattr(configure_tensorflow, "done", False):
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(int(os.environ.get("AUDITKIT_THREADS", "0")))
+            tf.config.threading.set_inter_op_parallelism_threads(1)
+        except RuntimeError:  # already initialised by the caller; keep their setting
+            pass
+        configure_tensorflow.done = True
+    return tf
+
+
+def sha256_files(root: Path) -> dict[str, str]:
+    """sha256 of a model file, or of every file below a model directory (relative posix names)."""
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    out = {}
+    for f in files:
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        out[f.name if root.is_file() else f.relative_to(root).as_posix()] = h.hexdigest()
+    return out
+
+
+class ModelAdapter:
+    """A classifier seen in image space. Subclasses set `spec` (complete) and implement `_predict_batch`."""
+
+    format: str = ""
+    can_craft: bool = False
+    craft_refusal: str = ""
+
+    def __init__(self, name: str, path: Path | None, spec: ModelSpec):
+        self.name = name
+        self.path = path
+        self.spec = spec
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.spec.classes
+
+    @property
+    def parameters(self) -> int | None:
+        return None
+
+    def sha256(self) -> dict[str, str]:
+        return sha256_files(self.path) if self.path is not None else {}
+
+    def check_images(self, images: np.ndarray) -> np.ndarray:
+        images = np.asarray(images, dtype=np.float32)
+        size = self.spec.input_size
+        if images.ndim != 3 or images.shape[1:] != (size, size):
+            raise AuditkitError(
+                f"model {self.name!r} takes {size}x{size} images, got an array of shape {images.shape}; "
+                f"set data.preprocess.size to {size}"
+            )
+        return images
+
+    def predict_proba(self, images: np.ndarray, batch_size: int = PREDICT_BATCH) -> np.ndarray:
+        """Class probabilities, (N, K) float32."""
+        images = self.check_images(images)
+        out = [self._predict_batch(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
+
+    def predict(self, images: np.ndarray, batch_size: int = PREDICT_BATCH) -> np.ndarray:
+        return self.predict_proba(images, batch_size).argmax(axis=1)
+
+    def _predict_batch(self, images: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def require_gradients(self) -> None:
+        if not self.can_craft:
+            raise AuditkitError(self.craft_refusal, self.name)
+
+
+class TFAdapter(ModelAdapter):
+    """A model whose forward pass is a differentiable TF function of the image-space input."""
+
+    can_craft = True
+
+    def __init__(self, name: str, path: Path | None, spec: ModelSpec, forward, parameters: int | None = None):
+        super().__init__(name, path, spec)
+        self.tf = configure_tensorflow()
+        self._forward = forward  # model-input tensor -> model-output tensor
+        self._parameters = parameters
+        size = spec.input_size
+        sig = [self.tf.TensorSpec([None, size, size], self.tf.float32)]
+        self._probs_fn = self.tf.function(self.tf_probs, input_signature=sig)
+        self._grad_fn = self.tf.function(
+            self._loss_gradient, input_signature=sig + [self.tf.TensorSpec([None], self.tf.int32)]
+        )
+
+    @property
+    def parameters(self) -> int | None:
+        return self._parameters
+
+    def tf_log_probs(self, images):
+        """Log class probabilities (N, K); the cross-entropy for label y is minus column y."""
+        out = self._forward(model_input(images, self.spec, self.tf))
+        if self.spec.output == "logits":
+            return self.tf.nn.log_softmax(out, axis=-1)
+        return self.tf.math.log(self.tf.maximum(out, PROB_FLOOR))
+
+    def tf_probs(self, images):
+        out = self._forward(model_input(images, self.spec, self.tf))
+        return self.tf.nn.softmax(out, axis=-1) if self.spec.output == "logits" else out
+
+    def _loss_gradient(self, images, labels):
+        tf = self.tf
+        with tf.GradientTape() as tape:
+            tape.watch(images)
+            loss = -tf.gather(self.tf_log_probs(images), labels, axis=1, batch_dims=1)
+        return tape.gradient(loss, images)
+
+    def loss_gradient(self, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """Gradient of the per-image cross-entropy w.r.t. the image-space input, (N, H, W)."""
+        images = self.check_images(images)
+        return self._grad_fn(images, np.asarray(labels, np.int32)).numpy()
+
+    def _predict_batch(self, images: np.ndarray) -> np.ndarray:
+        return self._probs_fn(images).numpy()
+
+
+class KerasAdapter(TFAdapter):
+    format = "keras"
+
+    def __init__(self, name: str, path: Path | None, model, spec_overrides: dict[str, Any], where: str):
+        self.model = model
+        spec = infer_spec(model.inputs[0].shape, _keras_output_kind(model), model.outputs[0].shape[-1])
+        spec = spec.merged(spec_overrides, where)
+        super().__init__(name, path, _complete(spec, name), lambda x: model(x, training=False), model.count_params())
+
+
+class SavedModelAdapter(TFAdapter):
+    format = "savedmodel"
+
+    def __init__(self, name: str, path: Path, spec_overrides: dict[str, Any], where: str):
+        tf = configure_tensorflow()
+        try:
+            loaded = tf.saved_model.load(str(path))
+        except Exception as exc:  # noqa: BLE001 - TF raises many types for a bad SavedModel
+            raise AuditkitError(f"not a loadable TF SavedModel ({type(exc).__name__}: {exc})".splitlines()[0],
+                                str(path)) from None
+        signature = getattr(loaded, "signatures", {}).get("serving_default")
+        if signature is None:
+            raise AuditkitError("SavedModel has no 'serving_default' signature", str(path))
+        args, kwargs = signature.structured_input_signature
+        if args or len(kwargs) != 1:
+            raise AuditkitError("the serving signature must take exactly one named input", str(path))
+        (input_name, input_spec), = kwargs.items()
+        outputs = signature.structured_outputs
+        if len(outputs) != 1:
+            raise AuditkitError(f"the serving signature must have one output, has {sorted(outputs)}", str(path))
+        (output_name, output_spec), = outputs.items()
+        self._loaded = loaded  # keeps the signature's variables alive
+        spec = infer_spec(input_spec.shape, None, output_spec.shape[-1]).merged(spec_overrides, where)
+
+        def forward(x):
+            return signature(**{input_name: x})[output_name]
+
+        spec = _complete(spec, name)
+        if spec.output is None:
+            probe = tf.constant(model_input(_probe_images(spec), spec, np), tf.float32)
+            spec = dataclasses.replace(spec, output=_detect_output(forward(probe).numpy()))
+        super().__init__(name, path, spec, forward, None)
+
+
+class OnnxAdapter(ModelAdapter):
+    """Inference through onnxruntime. No input gradients yet: evaluation only."""
+
+    format = "onnx"
+    can_craft = False
+
+    def __init__(self, name: str, path: Path, spec_overrides: dict[str, Any], where: str):
+        import onnxruntime as ort
+
+        try:
+            self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception zoo
+            raise AuditkitError(f"not a loadable ONNX model ({str(exc).splitlines()[0]})", str(path)) from None
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        if len(inputs) != 1:
+            raise AuditkitError(f"the ONNX model must have one input, has {len(inputs)}", str(path))
+        self.input_name = inputs[0].name
+        shape = [d if isinstance(d, int) else None for d in inputs[0].shape]
+        out_dim = outputs[0].shape[-1] if isinstance(outputs[0].shape[-1], int) else None
+        spec = infer_spec(shape, None, out_dim).merged(spec_overrides, where)
+        self.craft_refusal = (
+            "ONNX models cannot be attacked white-box yet (onnxruntime gives no input gradients); "
+            "craft on a Keras/SavedModel twin of this model instead — evaluation on ONNX works"
+        )
+        super().__init__(name, path, _complete(spec, name))
+        if self.spec.output is None:
+            probe = _onnx_input(_probe_images(self.spec), self.spec)
+            raw = self.session.run(None, {self.input_name: probe})[0]
+            self.spec = dataclasses.replace(self.spec, output=_detect_output(raw))
+
+    def _predict_batch(self, images: np.ndarray) -> np.ndarray:
+        out = self.session.run(None, {self.input_name: _onnx_input(images, self.spec)})[0]
+        if self.spec.output == "logits":
+            out = out - out.max(axis=1, keepdims=True)
+            e = np.exp(out)
+            out = e / e.sum(axis=1, keepdims=True)
+        return out.astype(np.float32)
+
+
+def infer_spec(input_shape, output_kind: str | None, num_outputs: int | None) -> ModelSpec:
+    """What the input and output shapes say: square size, channels, layout; output type if known."""
+    dims = list(input_shape)
+    layout, size, channels = "NHWC", None, None
+    if len(dims) == 4:
+        if dims[-1] in (1, 3):
+            size, channels = dims[1], dims[-1]
+        elif dims[1] in (1, 3):
+            layout, size, channels = "NCHW", dims[2], dims[1]
+    elif len(dims) == 3:  # (N, H, W): a grayscale model without a channel axis is not supported by the spec
+        size = dims[1]
+    classes = tuple(f"class{i}" for i in range(num_outputs)) if num_outputs else None
+    return ModelSpec(classes=classes, input_size=size if isinstance(size, int) else None,
+                     channels=channels if isinstance(channels, int) else None, layout=layout, output=output_kind)
+
+
+def _keras_output_kind(model) -> str:
+    activation = getattr(model.layers[-1], "activation", None)
+    name = getattr(activation, "__name__", "")
+    return "softmax" if name == "softmax" or type(model.layers[-1]).__name__ == "Softmax" else "logits"
+
+
+def model_input(images, spec: ModelSpec, xp):
+    """Image space (N, H, W) in [0, 1] -> the model's input; `xp` is numpy or tensorflow (differentiable)."""
+    x = images[..., None] * spec.scale
+    if spec.channels == 3:
+        x = xp.repeat(x, 3, axis=-1)
+    x = (x - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+    return xp.transpose(x, (0, 3, 1, 2)) if spec.layout == "NCHW" else x
+
+
+def _onnx_input(images: np.ndarray, spec: ModelSpec) -> np.ndarray:
+    return np.ascontiguousarray(model_input(images, spec, np), dtype=np.float32)
+
+
+def _probe_images(spec: ModelSpec) -> np.ndarray:
+    return np.random.default_rng(0).random((4, spec.input_size, spec.input_size), dtype=np.float32)
+
+
+def _detect_output(raw: np.ndarray) -> str:
+    """Rows that are non-negative and sum to 1 on random inputs are probabilities; anything else, logits."""
+    is_prob = bool(np.all(raw >= 0) and np.allclose(raw.sum(axis=1), 1.0, atol=1e-3))
+    return "softmax" if is_prob else "logits"
+
+
+def _complete(spec: ModelSpec, name: str) -> ModelSpec:
+    missing = [k for k in ("classes", "input_size", "channels") if getattr(spec, k) is None]
+    if missing:
+        raise AuditkitError(
+            f"cannot tell the model's {', '.join(missing)} from the file; declare them in model.yaml next to "
+            "the model or with --model-spec", name)
+    if spec.layout == "NCHW" or spec.channels == 3:
+        n = len(spec.mean)
+        if n not in (1, spec.channels) or len(spec.std) not in (1, spec.channels):
+            raise AuditkitError(f"mean/std must have 1 or {spec.channels} values", name)
+    return spec

@@ -1,0 +1,273 @@
+"""Typed audit results and their one serialisation to and from results.json."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import AuditkitError
+from .metrics import Rate
+
+SCHEMA_VERSION = "1.0"
+
+
+@dataclass
+class SplitEval:
+    """Predictions on one split with one perturbation added (or none, for the clean baseline)."""
+
+    split: str
+    n: int
+    accuracy: Rate
+    fooling_rate: Rate  # prediction != true label (the paper's R_f)
+    flip_rate: Rate  # prediction != clean prediction
+    targeted_success_rate: Rate | None  # prediction == target, over all images (targeted cells only)
+    confusion: list[list[int]]  # true label (rows) x prediction (columns)
+    sensitivity: list[float | None]
+    ppv: list[float | None]
+    dominant_label: str | None  # class absorbing most flipped images
+    dominant_share: float | None
+    flipped: int
+    psnr: float | None = None  # mean over images, dB (None for the clean baseline)
+    ssim: float | None = None
+
+
+@dataclass
+class ControlSummary:
+    """Random controls of the same norm as a UAP, on one split: pooled rates and spread over draws."""
+
+    split: str
+    draws: int
+    fooling_rate: Rate  # pooled over draws
+    fooling_rate_std: float
+    flip_rate: Rate
+    targeted_success_rate: Rate | None
+    targeted_success_rate_std: float | None
+
+
+@dataclass
+class Example:
+    """One image shown in the report's UAP figure; its pixels are in samples/<sample>.npy."""
+
+    sample: str
+    id: str
+    true_label: str
+    clean_prediction: str
+    adversarial_prediction: str
+
+
+@dataclass
+class CellResult:
+    """One UAP of the attack grid: settings, crafting record and evaluation."""
+
+    key: str
+    kind: str  # nontargeted | targeted
+    target: str | None
+    norm: str  # "2" | "inf"
+    zeta: float
+    xi: float
+    mean_image_norm: float
+    eps: float
+    max_iter: int
+    delta: float
+    clip: bool
+    algorithm: str
+    seed: int
+    uap_file: str  # relative to the run directory
+    uap_norm_l2: float
+    uap_norm_linf: float
+    passes: int
+    crafting_rates: list[float]  # flip rate (nontargeted) or R_s (targeted) on the crafting set after each pass
+    visited: int  # images visited by the loop
+    seconds: float
+    evals: dict[str, SplitEval]
+    controls: dict[str, ControlSummary]
+    examples: list[Example] = field(default_factory=list)
+
+    def headline(self, split: str) -> Rate:
+        """R_f for nontargeted cells, R_s for targeted ones."""
+        ev = self.evals[split]
+        return ev.targeted_success_rate if self.kind == "targeted" else ev.fooling_rate
+
+    def control_headline(self, split: str) -> Rate | None:
+        c = self.controls.get(split)
+        if c is None:
+            return None
+        return c.targeted_success_rate if self.kind == "targeted" else c.fooling_rate
+
+
+@dataclass
+class RuleResult:
+    name: str
+    metric: str
+    split: str
+    selectors: dict[str, Any]
+    bound: str  # "max" | "min"
+    limit: float
+    measured: float  # the worst value over the selected cells
+    worst_cell: str | None
+    cells: list[str]
+    passed: bool
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    format: str
+    path: str
+    sha256: dict[str, str]  # file (relative to the model path) -> sha256
+    classes: list[str]
+    input_size: int
+    channels: int
+    parameters: int | None
+    description: str = ""
+
+
+@dataclass
+class DataInfo:
+    source: str
+    format: str
+    synthetic: bool
+    manifest_sha256: str
+    content_sha256: str
+    classes: list[str]
+    counts: dict[str, dict[str, int]]  # split -> class -> images
+    craft_split: str
+    eval_splits: list[str]
+    preprocess: dict[str, Any]
+    notice: str = ""
+
+
+@dataclass
+class Provenance:
+    auditkit: str
+    python: str
+    tensorflow: str
+    onnxruntime: str
+    numpy: str
+    platform: str
+    command: str
+    seed: int
+    policy_path: str
+    policy_sha256: str
+    policy: dict[str, Any]
+    started: str
+    finished: str
+    seconds: float
+
+
+@dataclass
+class AuditResult:
+    title: str
+    organisation: str
+    intended_use: str
+    verdict: str  # PASS | FAIL
+    model: ModelInfo
+    data: DataInfo
+    clean: dict[str, SplitEval]
+    cells: list[CellResult]
+    rules: list[RuleResult]
+    provenance: Provenance
+    schema_version: str = SCHEMA_VERSION
+
+    @property
+    def failed_rules(self) -> list[RuleResult]:
+        return [r for r in self.rules if not r.passed]
+
+    def cell(self, key: str) -> CellResult:
+        for c in self.cells:
+            if c.key == key:
+                return c
+        raise KeyError(key)
+
+
+def to_dict(result: AuditResult) -> dict[str, Any]:
+    return _clean_floats(dataclasses.asdict(result))
+
+
+def from_dict(data: dict[str, Any], where: str = "results.json") -> AuditResult:
+    version = data.get("schema_version") if isinstance(data, dict) else None
+    if version != SCHEMA_VERSION:
+        raise AuditkitError(f"schema_version {version!r} is not supported (expected {SCHEMA_VERSION})", where)
+    try:
+        return _build(AuditResult, data)
+    except (TypeError, KeyError, ValueError) as exc:
+        raise AuditkitError(f"malformed results: {exc}", where) from None
+
+
+def write_json(result: AuditResult, path: Path) -> None:
+    text = json.dumps(to_dict(result), indent=2, sort_keys=False, allow_nan=False)
+    atomic_write_text(path, text + "\n")
+
+
+def read_json(path: Path) -> AuditResult:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise AuditkitError("file not found", str(path)) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AuditkitError(f"not valid JSON ({exc})", str(path)) from None
+    return from_dict(data, str(path))
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _clean_floats(obj: Any) -> Any:
+    """JSON has no NaN/inf: store them as null (an undefined rate) or a string (infinite PSNR)."""
+    if isinstance(obj, float):
+        if obj != obj:
+            return None
+        if obj in (float("inf"), float("-inf")):
+            return "inf" if obj > 0 else "-inf"
+        return obj
+    if isinstance(obj, dict):
+        return {k: _clean_floats(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean_floats(v) for v in obj]
+    return obj
+
+
+def _build(tp: Any, value: Any) -> Any:
+    """Rebuild a typed value from its JSON form, following the dataclass annotations."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _build(inner[0], value)
+    if dataclasses.is_dataclass(tp):
+        hints = typing.get_type_hints(tp)
+        kwargs = {f.name: _build(hints[f.name], value[f.name]) for f in dataclasses.fields(tp) if f.name in value}
+        return tp(**kwargs)
+    if origin is list:
+        (arg,) = typing.get_args(tp)
+        return [_build(arg, v) for v in value]
+    if origin is dict:
+        _, arg = typing.get_args(tp)
+        return {k: _build(arg, v) for k, v in value.items()}
+    if tp is float:
+        if value is None:
+            return float("nan")
+        return float(value)
+    return value

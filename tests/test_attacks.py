@@ -1,0 +1,149 @@
+"""The UAP engine against an exact numpy oracle of METHOD.md's loop, and projection / control properties."""
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from auditkit.attacks import Nontargeted, Targeted, UAPAttack, image_norms, project, random_control, xi_for
+
+SIZE, K = 8, 3
+
+
+def softmax(z):
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+class SoftmaxRegression:
+    """p = softmax(W x + b) with analytic input gradients: the oracle's model."""
+
+    def __init__(self, seed):
+        rng = np.random.default_rng(seed)
+        self.W = rng.normal(0, 0.6, (SIZE * SIZE, K))
+        self.b = rng.normal(0, 0.1, K)
+
+    def probs(self, x):
+        return softmax(x.reshape(len(x), -1) @ self.W + self.b)
+
+    def predict(self, x):
+        return self.probs(x).argmax(axis=1)
+
+    def ce_grad(self, x, y):
+        p = self.probs(x[None])[0]
+        p[y] -= 1.0
+        return (self.W @ p).reshape(SIZE, SIZE)
+
+    def keras(self):
+        import keras
+
+        inp = keras.Input((SIZE, SIZE, 1), name="image")
+        out = keras.layers.Dense(K, activation="softmax")(keras.layers.Flatten()(inp))
+        model = keras.Model(inp, out)
+        model.layers[-1].set_weights([self.W.astype(np.float32), self.b.astype(np.float32)])
+        return model
+
+
+def oracle_uap(model, X, norm, xi, eps, max_iter, delta, clip, target, rng):
+    """METHOD.md's loop, literally, one image at a time."""
+    clipf = (lambda v: np.clip(v, 0, 1)) if clip else (lambda v: v)
+    y0 = model.predict(X)
+    rho = np.zeros(X.shape[1:])
+
+    def fooled(pred, i):
+        return pred == target if target is not None else pred != y0[i]
+
+    for _ in range(max_iter):
+        for i in rng.permutation(len(X)):
+            x = X[i]
+            if fooled(model.predict(clipf(x + rho)[None])[0], i):
+                continue
+            label = target if target is not None else y0[i]
+            g = model.ce_grad(clipf(x + rho), label)
+            d = np.sign(g) if norm == "inf" else g / np.linalg.norm(g)
+            x_adv = clipf(x + rho + (-eps if target is not None else eps) * d)
+            if fooled(model.predict(x_adv[None])[0], i):
+                v = x_adv - x
+                rho = np.clip(v, -xi, xi) if norm == "inf" else v * min(1.0, xi / np.linalg.norm(v))
+        preds = model.predict(clipf(X + rho))
+        rate = np.mean([fooled(p, i) for i, p in enumerate(preds)])
+        if rate >= 1 - delta:
+            break
+    return rho
+
+
+@pytest.fixture(scope="module")
+def reg():
+    from auditkit.models import keras_adapter
+
+    oracle = SoftmaxRegression(1)
+    adapter = keras_adapter(oracle.keras(), "softmax-regression",
+                            {"classes": ["a", "b", "c"], "channels": 1, "output": "softmax"})
+    X = np.random.default_rng(2).random((40, SIZE, SIZE)).astype(np.float32)
+    return oracle, adapter, X
+
+
+@pytest.mark.parametrize("norm,zeta,eps", [("inf", 0.08, 0.01), ("2", 0.08, 0.05)])
+@pytest.mark.parametrize("target", [None, 1])
+@pytest.mark.parametrize("clip", [False, True])
+def test_engine_matches_numpy_oracle(reg, norm, zeta, eps, target, clip):
+    oracle, adapter, X = reg
+    xi, _ = xi_for(X, norm, zeta)
+    expected = oracle_uap(oracle, X.astype(np.float64), norm, xi, eps, 4, 1e-6, clip, target,
+                          np.random.default_rng(7))
+    criterion = Nontargeted() if target is None else Targeted(target)
+    for speculative in (False, True):
+        attack = UAPAttack(norm=norm, xi=xi, eps=eps, max_iter=4, clip=clip, speculative=speculative)
+        result = attack.craft(adapter, X, criterion, np.random.default_rng(7))
+        assert np.abs(result.rho).max() > 0, "the attack moved nothing: the comparison would be vacuous"
+        np.testing.assert_allclose(result.rho, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("norm", ["inf", "2"])
+@pytest.mark.parametrize("target", [None, 1])
+def test_speculative_equals_plain_bit_for_bit(reg, norm, target):
+    _, adapter, X = reg
+    xi, _ = xi_for(X, norm, 0.1)
+    criterion = Nontargeted() if target is None else Targeted(target)
+    plain = UAPAttack(norm=norm, xi=xi, eps=0.02, max_iter=5, speculative=False).craft(
+        adapter, X, criterion, np.random.default_rng(3))
+    fast = UAPAttack(norm=norm, xi=xi, eps=0.02, max_iter=5, speculative=True).craft(
+        adapter, X, criterion, np.random.default_rng(3))
+    assert np.array_equal(plain.rho, fast.rho)
+    assert plain.rates == fast.rates and plain.steps == fast.steps
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.sampled_from(["2", "inf"]), st.floats(1e-4, 10.0))
+def test_projection_and_controls_stay_in_the_ball(seed, norm, xi):
+    rng = np.random.default_rng(seed)
+    v = rng.normal(0, rng.uniform(0.01, 50), (12, 12)).astype(np.float32)
+    for w in (project(v, norm, xi), random_control((12, 12), norm, xi, rng)):
+        n = image_norms(w[None], norm)[0]
+        assert n <= xi * (1 + 1e-5)
+    cube = random_control((16, 16), "inf", xi, rng)
+    assert cube.min() >= -xi and cube.max() <= xi and cube.min() < 0 < cube.max()
+
+
+def test_projection_is_the_closest_point():
+    v = np.array([[3.0, 4.0]], np.float32)
+    np.testing.assert_allclose(project(v, "2", 1.0), [[0.6, 0.8]], rtol=1e-6)
+    np.testing.assert_allclose(project(v, "inf", 1.0), [[1.0, 1.0]])
+    np.testing.assert_allclose(project(v * 0.01, "2", 1.0), v * 0.01)
+
+
+def test_random_controls_are_seeded_and_l2_draws_fill_the_ball():
+    a = random_control((32, 32), "2", 2.0, np.random.default_rng(5))
+    b = random_control((32, 32), "2", 2.0, np.random.default_rng(5))
+    assert np.array_equal(a, b)
+    norms = [np.linalg.norm(random_control((32, 32), "2", 2.0, np.random.default_rng(s))) for s in range(20)]
+    assert min(norms) > 1.9  # uniform in a 1024-dimensional ball: almost surely near the surface
+
+
+def test_xi_is_zeta_times_mean_image_norm():
+    X = np.zeros((2, 4, 4), np.float32)
+    X[0, 0, 0], X[1] = 0.5, 0.25
+    xi, mean = xi_for(X, "inf", 0.02)
+    assert mean == pytest.approx(0.375) and xi == pytest.approx(0.0075)
+    xi2, mean2 = xi_for(X, "2", 0.5)
+    assert mean2 == pytest.approx((0.5 + 1.0) / 2) and xi2 == pytest.approx(0.375)
