@@ -1,0 +1,312 @@
+"""Run a policy against a model and a dataset: clean baseline, UAP cells, random controls, thresholds."""
+from __future__ import annotations
+
+import hashlib
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+
+from . import __version__
+from . import metrics as M
+from .attacks import Nontargeted, Targeted, UAPAttack, perturb, random_control, xi_for
+from .data import Dataset, Preprocess, load_dataset
+from .errors import AuditkitError
+from .models import ModelAdapter
+from .policy import Cell, Policy, Threshold, validate_against_classes
+from .results import (AuditResult, CellResult, ControlSummary, DataInfo, Example, ModelInfo, Provenance, RuleResult,
+                      SplitEval)
+
+SSIM_BATCH = 64
+
+
+class Progress(Protocol):
+    """What the audit reports while it works (the CLI draws it with rich)."""
+
+    def start(self, label: str, total: int) -> None: ...
+    def update(self, completed: int, label: str | None = None, total: int | None = None) -> None: ...
+    def done(self) -> None: ...
+
+
+class _Silent:
+    def start(self, label: str, total: int) -> None: ...
+    def update(self, completed: int, label: str | None = None, total: int | None = None) -> None: ...
+    def done(self) -> None: ...
+
+
+@dataclass
+class Split:
+    """One split as the audit uses it: images in [0, 1], true labels, clean predictions."""
+
+    name: str
+    images: np.ndarray
+    labels: np.ndarray
+    ids: list[str]
+    clean_pred: np.ndarray
+
+
+def cell_rng(seed: int, key: str) -> np.random.Generator:
+    """Independent stream per cell, from the policy seed and the cell key: cells can run in any order."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:16], "little"))
+
+
+def load_policy_data(policy: Policy, size: int, manifest: str | Path | None = None,
+                     progress: Progress | None = None) -> tuple[Dataset, str, bool]:
+    """The policy's dataset (or `manifest` instead): (dataset, format, synthetic)."""
+    from .phantoms import default_phantom_manifest
+
+    cfg = policy.data
+    source = manifest if manifest is not None else cfg.manifest
+    synthetic = source is None
+    if synthetic:
+        source = default_phantom_manifest()
+    progress = progress or _Silent()
+    progress.start("loading images", 1)
+    dataset = load_dataset(source, cfg.classes, aliases=cfg.aliases, fmt=cfg.format, image_root=cfg.image_root,
+                           preprocess=Preprocess(size=size, crop_top=cfg.preprocess.crop_top,
+                                                 resize=cfg.preprocess.resize),
+                           progress=lambda done, total: progress.update(done, total=total))
+    progress.done()
+    return dataset, cfg.format, synthetic
+
+
+def run_audit(policy: Policy, model: ModelAdapter, dataset: Dataset, *, synthetic: bool, data_format: str,
+              out_dir: Path, command: str = "", policy_path: str = "", progress: Progress | None = None,
+              log: Callable[[str], None] = lambda _msg: None) -> AuditResult:
+    """Craft and evaluate every cell of the policy; write UAPs and example images under `out_dir`."""
+    progress = progress or _Silent()
+    started, t0 = datetime.now(timezone.utc), time.perf_counter()
+    classes = _check_classes(model, dataset)
+    validate_against_classes(policy, classes)
+    model.require_gradients()
+    splits = _prepare_splits(policy, model, dataset, progress)
+    craft = splits[policy.data.craft_split]
+    clean = {name: evaluate(splits[name], None, classes) for name in policy.data.eval_splits}
+
+    cells = []
+    for cell in policy.cells(classes):
+        cells.append(_run_cell(policy, cell, model, craft, splits, classes, out_dir, progress))
+        log(f"{cell.key}: " + ", ".join(f"{s} {cells[-1].headline(s).value:.1%}" for s in policy.data.eval_splits))
+    rules = [_apply_rule(i, t, policy, cells, clean) for i, t in enumerate(policy.thresholds)]
+    finished = datetime.now(timezone.utc)
+    return AuditResult(
+        title=policy.report.title, organisation=policy.report.organisation, intended_use=policy.report.intended_use,
+        verdict="PASS" if all(r.passed for r in rules) else "FAIL",
+        model=model_info(model), data=_data_info(policy, dataset, data_format, synthetic),
+        clean=clean, cells=cells, rules=rules,
+        provenance=_provenance(policy, policy_path, command, started, finished, time.perf_counter() - t0),
+    )
+
+
+def model_info(model: ModelAdapter) -> ModelInfo:
+    return ModelInfo(name=model.name, format=model.format, path=str(model.path or ""), sha256=model.sha256(),
+                     classes=list(model.classes), input_size=model.spec.input_size, channels=model.spec.channels,
+                     parameters=model.parameters)
+
+
+def evaluate(split: Split, rho: np.ndarray | None, classes, *, model: ModelAdapter | None = None,
+             clip: bool = True, target: int | None = None, adv_pred: np.ndarray | None = None) -> SplitEval:
+    """Metrics of one split under perturbation `rho` (None: the clean baseline, from the clean predictions)."""
+    k = len(classes)
+    if rho is None:
+        pred, psnr, ssim = split.clean_pred, None, None
+    else:
+        adv = perturb(split.images, rho, clip)
+        pred = model.predict(adv) if adv_pred is None else adv_pred
+        psnr = float(np.mean(M.psnr(split.images, adv)))
+        ssim = mean_ssim(model, split.images, adv)
+    conf = M.confusion_matrix(split.labels, pred, k)
+    sens, ppv = M.sensitivity_ppv(conf)
+    dom, share, flipped = M.dominant_label(split.clean_pred, pred, k)
+    return SplitEval(
+        split=split.name, n=len(pred), accuracy=M.accuracy(split.labels, pred),
+        fooling_rate=M.fooling_rate(split.labels, pred), flip_rate=M.flip_rate(split.clean_pred, pred),
+        targeted_success_rate=None if target is None else M.targeted_success_rate(pred, target),
+        confusion=conf.tolist(), sensitivity=sens, ppv=ppv,
+        dominant_label=None if dom is None else classes[dom], dominant_share=share, flipped=flipped,
+        psnr=psnr, ssim=ssim)
+
+
+def mean_ssim(model, clean: np.ndarray, adv: np.ndarray) -> float:
+    """Mean SSIM (tf.image.ssim, max_val 1) of attacked vs clean images."""
+    tf = model.tf
+    size = clean.shape[1]
+    vals = [tf.image.ssim(clean[i:i + SSIM_BATCH, ..., None], adv[i:i + SSIM_BATCH, ..., None], max_val=1.0,
+                          filter_size=min(11, size)).numpy() for i in range(0, len(clean), SSIM_BATCH)]
+    return float(np.mean(np.concatenate(vals)))
+
+
+def _check_classes(model: ModelAdapter, dataset: Dataset) -> list[str]:
+    if tuple(model.classes) != tuple(dataset.classes):
+        raise AuditkitError(
+            f"the model's classes {list(model.classes)} differ from the policy's data.classes "
+            f"{list(dataset.classes)}; list the classes in the model's output order", model.name)
+    return list(dataset.classes)
+
+
+def _prepare_splits(policy: Policy, model: ModelAdapter, dataset: Dataset, progress: Progress) -> dict[str, Split]:
+    cfg = policy.data
+    names = list(dict.fromkeys([cfg.craft_split, *cfg.eval_splits]))
+    out = {}
+    for name in names:
+        part = dataset.subset(name)
+        limit = cfg.max_images.get(name)
+        if limit is not None and limit < len(part):
+            rng = cell_rng(policy.seed, f"subset:{name}")
+            part = part.take(np.sort(rng.choice(len(part), size=limit, replace=False)))
+        images = part.floats()
+        progress.start(f"clean predictions ({name})", 1)
+        clean_pred = model.predict(images)
+        progress.done()
+        out[name] = Split(name, images, part.labels.astype(np.int64), list(part.ids), clean_pred)
+    return out
+
+
+def _run_cell(policy: Policy, cell: Cell, model, craft: Split, splits: dict[str, Split], classes, out_dir: Path,
+              progress: Progress) -> CellResult:
+    rng = cell_rng(policy.seed, cell.key)
+    xi, mean_norm = xi_for(craft.images, cell.norm, cell.zeta)
+    target = None if cell.target is None else classes.index(cell.target)
+    criterion = Nontargeted() if target is None else Targeted(target)
+    n = len(craft.images)
+
+    def on_progress(pass_no: int, done: int, total: int, rate: float | None) -> None:
+        if done == 0 and rate is None:
+            progress.start(f"{cell.key} pass {pass_no}/{cell.max_iter}", total)
+        elif rate is None:
+            progress.update(done)
+        else:
+            name = "flip rate" if target is None else "R_s"
+            progress.update(total, f"{cell.key} pass {pass_no}/{cell.max_iter}: {name} {rate:.1%}")
+            progress.done()
+
+    attack = UAPAttack(norm=cell.norm, xi=xi, eps=cell.eps, max_iter=cell.max_iter, delta=cell.delta,
+                       clip=cell.clip, progress=on_progress)
+    crafted = attack.craft(model, craft.images, criterion, rng, clean_pred=craft.clean_pred)
+    rho = crafted.rho
+    uap_file = f"uaps/{cell.key}.npy"
+    _save_npy(out_dir / uap_file, rho)
+
+    progress.start(f"{cell.key}: evaluating", len(policy.data.eval_splits) * (1 + policy.random_controls.draws))
+    evals, controls, done = {}, {}, 0
+    controls_rho = [random_control(rho.shape, cell.norm, xi, rng) for _ in range(policy.random_controls.draws)]
+    for name in policy.data.eval_splits:
+        split = splits[name]
+        evals[name] = evaluate(split, rho, classes, model=model, clip=cell.clip, target=target)
+        done += 1
+        progress.update(done)
+        draws = []
+        for r in controls_rho:
+            draws.append(evaluate(split, r, classes, model=model, clip=cell.clip, target=target))
+            done += 1
+            progress.update(done)
+        if draws:
+            controls[name] = _summarise_controls(name, draws)
+    progress.done()
+    return CellResult(
+        key=cell.key, kind=cell.kind, target=cell.target, norm=cell.norm, zeta=cell.zeta, xi=xi,
+        mean_image_norm=mean_norm, eps=cell.eps, max_iter=cell.max_iter, delta=cell.delta, clip=cell.clip,
+        algorithm=cell.algorithm, seed=policy.seed, uap_file=uap_file,
+        uap_norm_l2=float(np.linalg.norm(rho)), uap_norm_linf=float(np.abs(rho).max()),
+        passes=crafted.passes, crafting_rates=crafted.rates, visited=crafted.visited, seconds=crafted.seconds,
+        evals=evals, controls=controls,
+        examples=_examples(cell, model, splits, policy, rho, classes, target, out_dir),
+    )
+
+
+def _summarise_controls(split: str, draws: list[SplitEval]) -> ControlSummary:
+    targeted = draws[0].targeted_success_rate is not None
+    return ControlSummary(
+        split=split, draws=len(draws),
+        fooling_rate=M.pooled_rate([d.fooling_rate for d in draws]),
+        fooling_rate_std=float(np.std([d.fooling_rate.value for d in draws])),
+        flip_rate=M.pooled_rate([d.flip_rate for d in draws]),
+        targeted_success_rate=M.pooled_rate([d.targeted_success_rate for d in draws]) if targeted else None,
+        targeted_success_rate_std=float(np.std([d.targeted_success_rate.value for d in draws])) if targeted else None,
+    )
+
+
+def _examples(cell: Cell, model, splits: dict[str, Split], policy: Policy, rho, classes, target, out_dir: Path,
+              ) -> list[Example]:
+    """One image for the report's figure: from the held-out split, clean-correct and moved by the UAP if any."""
+    held_out = [s for s in policy.data.eval_splits if s != policy.data.craft_split]
+    split = splits[(held_out or policy.data.eval_splits)[0]]
+    adv_pred = model.predict(perturb(split.images, rho, cell.clip))
+    correct = split.clean_pred == split.labels
+    moved = (adv_pred == target) if target is not None else (adv_pred != split.clean_pred)
+    candidates = np.flatnonzero(correct & moved) if np.any(correct & moved) else np.flatnonzero(correct)
+    i = int(candidates[0]) if len(candidates) else 0
+    sample = f"{split.name}-{i}"
+    path = out_dir / "samples" / f"{sample}.npy"
+    if not path.exists():
+        _save_npy(path, split.images[i])
+    return [Example(sample=sample, id=split.ids[i], true_label=classes[split.labels[i]],
+                    clean_prediction=classes[split.clean_pred[i]], adversarial_prediction=classes[adv_pred[i]])]
+
+
+def _apply_rule(index: int, rule: Threshold, policy: Policy, cells: list[CellResult],
+                clean: dict[str, SplitEval]) -> RuleResult:
+    bound = "max" if rule.max is not None else "min"
+    if rule.metric == "clean_accuracy":
+        measured, keys, worst = clean[rule.split].accuracy.value, [], None
+    else:
+        chosen = [c for c in cells if rule.selects(_as_cell(c))]
+        values = [(_rule_value(rule.metric, c, rule.split), c.key) for c in chosen]
+        measured, worst = (max if bound == "max" else min)(values)
+        keys = [c.key for c in chosen]
+    passed = measured <= rule.limit if bound == "max" else measured >= rule.limit
+    selectors = {k: v for k, v in (("kind", rule.effective_kind), ("target", rule.target), ("norm", rule.norm),
+                                   ("zeta", rule.zeta)) if v is not None}
+    return RuleResult(name=rule.name, metric=rule.metric, split=rule.split, selectors=selectors, bound=bound,
+                      limit=rule.limit, measured=float(measured), worst_cell=worst, cells=keys, passed=bool(passed))
+
+
+def _rule_value(metric: str, cell: CellResult, split: str) -> float:
+    ev = cell.evals[split]
+    if metric == "uap_over_random":
+        return cell.headline(split).value - cell.control_headline(split).value
+    if metric == "targeted_success_rate":
+        return ev.targeted_success_rate.value
+    return getattr(ev, metric).value
+
+
+def _as_cell(c: CellResult) -> Cell:
+    return Cell(kind=c.kind, target=c.target, norm=c.norm, zeta=c.zeta, eps=c.eps, max_iter=c.max_iter,
+                delta=c.delta, clip=c.clip, algorithm=c.algorithm)
+
+
+def _data_info(policy: Policy, dataset: Dataset, fmt: str, synthetic: bool) -> DataInfo:
+    from .phantoms import PHANTOM_NOTICE
+
+    return DataInfo(
+        source=dataset.source, format=fmt, synthetic=synthetic, manifest_sha256=dataset.manifest_sha256,
+        content_sha256=dataset.content_sha256, classes=list(dataset.classes), counts=dataset.class_counts(),
+        craft_split=policy.data.craft_split, eval_splits=list(policy.data.eval_splits),
+        preprocess={"size": int(dataset.images.shape[1]), "crop_top": policy.data.preprocess.crop_top,
+                    "resize": policy.data.preprocess.resize, "max_images": dict(policy.data.max_images)},
+        notice=PHANTOM_NOTICE if synthetic else "")
+
+
+def _provenance(policy: Policy, policy_path: str, command: str, started, finished, seconds) -> Provenance:
+    import numpy
+    import onnxruntime
+    import tensorflow as tf
+
+    return Provenance(
+        auditkit=__version__, python=sys.version.split()[0], tensorflow=tf.__version__,
+        onnxruntime=onnxruntime.__version__, numpy=numpy.__version__, platform=platform.platform(),
+        command=command, seed=policy.seed, policy_path=policy_path, policy_sha256=policy.sha256(),
+        policy=policy.model_dump(mode="json"), started=started.isoformat(timespec="seconds"),
+        finished=finished.isoformat(timespec="seconds"), seconds=round(seconds, 3))
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, np.asarray(array, np.float32), allow_pickle=False)
+

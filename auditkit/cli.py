@@ -1,0 +1,253 @@
+"""The `auditkit` command: a thin typer layer over auditkit.api. TensorFlow is imported only by commands that need it."""
+from __future__ import annotations
+
+import functools
+import shlex
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .errors import AuditkitError
+
+EXIT_CODES = """Exit codes: 0 every threshold passed · 1 a threshold failed · 2 bad input or usage (one line naming
+what and where) · 3 internal error (a bug: rerun with --debug and report it)."""
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  help=f"Audit image classifiers against universal adversarial perturbations.\n\n{EXIT_CODES}")
+policy_app = typer.Typer(no_args_is_help=True, help="Policy files.")
+zoo_app = typer.Typer(no_args_is_help=True, help="Built-in reference models.")
+app.add_typer(policy_app, name="policy")
+app.add_typer(zoo_app, name="zoo")
+console = Console(stderr=True)
+out = Console()
+STATE = {"debug": False}
+FORMATS = ("html", "pdf", "json", "junit")
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors.")):
+    STATE["debug"] = debug
+
+
+def _guarded(fn):
+    """Bad input -> one line on stderr and exit 2; anything unexpected -> exit 3 (traceback with --debug)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except AuditkitError as exc:
+            if STATE["debug"]:
+                raise
+            console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            console.print("[bold red]interrupted[/]: no output was written")
+            raise typer.Exit(130) from None
+        except Exception as exc:  # noqa: BLE001 - last line of defence of a CLI
+            if STATE["debug"]:
+                raise
+            console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc} (rerun with --debug)",
+                          highlight=False, soft_wrap=True)
+            raise typer.Exit(3) from None
+
+    return wrapper
+
+
+class RichProgress:
+    """audit.Progress drawn as one rich bar at a time, on the shared stderr console."""
+
+    def __init__(self):
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            console=console, transient=False)
+        self.task = None
+
+    def __enter__(self):
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.stop()
+
+    def start(self, label, total):
+        if self.task is not None:
+            self.bar.update(self.task, visible=self.bar.tasks[-1].completed > 0)
+            self.bar.stop_task(self.task)
+        self.task = self.bar.add_task(label, total=total)
+
+    def update(self, completed, label=None, total=None):
+        kw = {"description": label} if label else {}
+        if total is not None:
+            kw["total"] = total
+        self.bar.update(self.task, completed=completed, **kw)
+
+    def done(self):
+        if self.task is not None:
+            self.bar.stop_task(self.task)
+
+
+def _formats(value: Optional[str]) -> Optional[list[str]]:
+    if value is None:
+        return None
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in items if v not in FORMATS]
+    if bad or not items:
+        raise AuditkitError(f"unknown format {', '.join(bad) or repr(value)} (choose from {', '.join(FORMATS)})",
+                            "--formats")
+    return items
+
+
+def _spec_overrides(model_spec: Optional[Path], classes: Optional[str], input_size: Optional[int],
+                    channels: Optional[int], scale: Optional[float], output: Optional[str]) -> dict:
+    from .models.spec import read_sidecar
+
+    spec = read_sidecar(model_spec) if model_spec else {}
+    flags = {"classes": classes.split(",") if classes else None, "input_size": input_size, "channels": channels,
+             "scale": scale, "output": output}
+    return spec | {k: v for k, v in flags.items() if v is not None}
+
+
+MODEL_HELP = "Zoo name (covidnet_small, covidnet_large), .keras file, SavedModel directory or .onnx file."
+SPEC_OPTS = dict(
+    model_spec=typer.Option(None, "--model-spec", help="A model.yaml to use instead of the one beside the model."),
+    classes=typer.Option(None, "--classes", help="Comma-separated class names in output order."),
+    input_size=typer.Option(None, "--input-size"),
+    channels=typer.Option(None, "--channels", help="1 or 3 (the grayscale plane is repeated)."),
+    scale=typer.Option(None, "--scale", help="Model input = image in [0,1] x scale (then mean/std)."),
+    output=typer.Option(None, "--output", help="softmax or logits."),
+)
+
+
+@app.command()
+@_guarded
+def run(
+    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+    policy: Path = typer.Option(..., "--policy", "-p", help="Policy YAML (see policies/)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Manifest to audit on instead of the policy's."),
+    out_dir: Path = typer.Option(Path("audit-out"), "--out", "-o", help="Output directory."),
+    formats: Optional[str] = typer.Option(None, "--formats", help="Comma-separated: html,pdf,json,junit."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Override the policy's seed."),
+    model_spec: Optional[Path] = SPEC_OPTS["model_spec"], classes: Optional[str] = SPEC_OPTS["classes"],
+    input_size: Optional[int] = SPEC_OPTS["input_size"], channels: Optional[int] = SPEC_OPTS["channels"],
+    scale: Optional[float] = SPEC_OPTS["scale"], output: Optional[str] = SPEC_OPTS["output"],
+):
+    """Run a policy's UAP audit on a model; write results.json, report.html/.pdf, junit.xml and uaps/."""
+    from . import api
+
+    fmts = _formats(formats)
+    overrides = _spec_overrides(model_spec, classes, input_size, channels, scale, output)
+    command = "auditkit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    with RichProgress() as progress:
+        result = api.run(model, policy, out_dir, data=data, formats=fmts, seed=seed, spec_overrides=overrides,
+                         command=command, progress=progress, log=lambda m: console.print(f"  {m}", highlight=False))
+    _print_summary(result, out_dir)
+    raise typer.Exit(0 if result.verdict == "PASS" else 1)
+
+
+@app.command()
+@_guarded
+def report(
+    results: Path = typer.Argument(..., help="results.json of an earlier run (uaps/ and samples/ beside it)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write (default: beside results)."),
+    formats: Optional[str] = typer.Option("html,pdf,junit", "--formats"),
+):
+    """Re-render the reports from results.json without recomputing anything."""
+    from . import api
+
+    written = api.rerender(results, out_dir, _formats(formats))
+    for fmt, path in written.items():
+        out.print(f"{fmt}: {path}")
+
+
+@policy_app.command("check")
+@_guarded
+def policy_check(policy: Path = typer.Argument(..., help="Policy YAML.")):
+    """Validate a policy file; print its attack grid and rules."""
+    from .policy import load_policy, validate_against_classes
+
+    pol = load_policy(policy)
+    validate_against_classes(pol, pol.data.classes)
+    cells = pol.cells(pol.data.classes)
+    out.print(f"{policy}: OK — {len(cells)} cells, {len(pol.thresholds)} rules, seed {pol.seed}, "
+              f"sha256 {pol.sha256()[:16]}")
+    for c in cells:
+        out.print(f"  cell {c.key}  eps={c.eps:g} max_iter={c.max_iter} clip={c.clip}")
+    for t in pol.thresholds:
+        out.print(f"  rule {t.name}")
+
+
+@app.command()
+@_guarded
+def inspect(
+    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+    model_spec: Optional[Path] = SPEC_OPTS["model_spec"], classes: Optional[str] = SPEC_OPTS["classes"],
+    input_size: Optional[int] = SPEC_OPTS["input_size"], channels: Optional[int] = SPEC_OPTS["channels"],
+    scale: Optional[float] = SPEC_OPTS["scale"], output: Optional[str] = SPEC_OPTS["output"],
+):
+    """Show a model's classes, input spec, format and file hashes."""
+    from .models import load_model
+
+    m = load_model(model, _spec_overrides(model_spec, classes, input_size, channels, scale, output))
+    s = m.spec
+    table = Table(title=f"model {m.name}", show_header=False)
+    rows = [("format", m.format), ("path", str(m.path or "")), ("classes", ", ".join(m.classes)),
+            ("input", f"{s.input_size}x{s.input_size}, {s.channels} channel(s), {s.layout}"),
+            ("preprocessing", f"x*{s.scale:g}, mean {list(s.mean)}, std {list(s.std)}"),
+            ("output", s.output), ("parameters", f"{m.parameters:,}" if m.parameters else "unknown"),
+            ("white-box gradients", "yes" if m.can_craft else f"no — {m.craft_refusal}")]
+    rows += [(f"sha256 {name}", digest) for name, digest in m.sha256().items()]
+    for k, v in rows:
+        table.add_row(k, v)
+    out.print(table)
+
+
+@app.command()
+@_guarded
+def models():
+    """List the built-in zoo models."""
+    from .models import zoo
+
+    table = Table(title="auditkit zoo")
+    for col in ("name", "input", "parameters", "FLOPs/image", "classes", "weights"):
+        table.add_column(col)
+    for name, entry in zoo.ZOO.items():
+        model = zoo.build_model(name)
+        info = zoo.weights_info(name)
+        weights = f"{info.get('trained_on', '?')}, test acc {info.get('test_accuracy', float('nan')):.1%}" \
+            if info else "not trained"
+        table.add_row(name, f"{entry.input_size}x{entry.input_size}x1", f"{model.count_params():,}",
+                      f"{zoo.count_flops(model) / 1e6:.1f} M", ", ".join(entry.classes), weights)
+    out.print(table)
+
+
+def _print_summary(result, out_dir: Path) -> None:
+    splits = result.data.eval_splits
+    table = Table(title=f"{result.title}: {result.verdict}")
+    table.add_column("cell")
+    for s in splits:
+        table.add_column(f"{s}: UAP")
+        table.add_column(f"{s}: random")
+    for c in result.cells:
+        row = [c.key]
+        for s in splits:
+            ctrl = c.control_headline(s)
+            row += [f"{c.headline(s).value:.1%}", f"{ctrl.value:.1%}" if ctrl else "–"]
+        table.add_row(*row)
+    out.print(table)
+    for r in result.rules:
+        mark = "[green]PASS[/]" if r.passed else "[bold red]FAIL[/]"
+        out.print(f"{mark} {r.name}: measured {r.measured:.3f} ({r.worst_cell or r.split}), "
+                  f"{r.bound} {r.limit:g}", highlight=False)
+    colour = "green" if result.verdict == "PASS" else "bold red"
+    out.print(f"verdict: [{colour}]{result.verdict}[/]  ->  {out_dir}")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,502 @@
+"""The audit policy: a YAML file saying what to attack, how, and which thresholds a model must meet.
+
+Every problem with a policy becomes one AuditkitError naming the file and the key path, e.g.
+`paper.yaml: attacks.0.zetas.1: must be in (0, 1], got 1.5`.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import math
+import re
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar, get_args
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
+
+from auditkit.errors import AuditkitError
+
+DEFAULT_CLASSES = ("normal", "pneumonia", "COVID-19")
+Kind = Literal["nontargeted", "targeted"]
+Metric = Literal["fooling_rate", "flip_rate", "targeted_success_rate", "clean_accuracy", "uap_over_random"]
+ReportFormat = Literal["html", "pdf", "json", "junit"]
+
+
+class _At(ValueError):
+    """A validation problem at `loc`, a key path below the model or field that raised it."""
+
+    def __init__(self, loc: tuple[str | int, ...], message: str):
+        super().__init__(message)
+        self.loc = loc
+        self.message = message
+
+
+def _unique(values: list) -> list:
+    seen = set()
+    for i, v in enumerate(values):
+        if v in seen:
+            raise _At((i,), f"duplicate entry {v!r}")
+        seen.add(v)
+    return values
+
+
+def _norm(v: Any) -> str:
+    """2 / "2" / "L2" -> "2"; inf / .inf / "inf" / "Linf" -> "inf"."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        if v == 2:
+            return "2"
+        if v == math.inf:
+            return "inf"
+    elif isinstance(v, str):
+        s = v.strip().lower().removeprefix("l").removeprefix("_").removeprefix(".")
+        if s == "2":
+            return "2"
+        if s in ("inf", "infinity"):
+            return "inf"
+    raise ValueError(f"must be 2 or inf (also accepted: L2, Linf), got {v!r}")
+
+
+def _zeta(v: float) -> float:
+    if not 0 < v <= 1:
+        raise ValueError(f"must be in (0, 1], got {v!r}")
+    return v
+
+
+def _targets(v: Any) -> Any:
+    """'all', one class name, or a list of class names."""
+    if v == "all":
+        return v
+    if isinstance(v, str) and v:
+        return [v]
+    if isinstance(v, list) and v and all(isinstance(t, str) and t for t in v):
+        return _unique(v)
+    raise ValueError(f"must be 'all' or a non-empty list of class names, got {v!r}")
+
+
+Name = Annotated[str, StringConstraints(min_length=1)]
+Norm = Annotated[Literal["2", "inf"], BeforeValidator(_norm)]
+Zeta = Annotated[float, AfterValidator(_zeta)]
+
+
+T = TypeVar("T")
+UniqueList = Annotated[list[T], Field(min_length=1), AfterValidator(_unique)]  # non-empty, no repeats
+
+
+class _Model(BaseModel):
+    # strict: a YAML string such as "0.02" or "yes" is a mistake in a policy, not something to coerce.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class Preprocess(_Model):
+    size: int | None = Field(None, ge=8, le=1024)  # None: the model's own input size
+    crop_top: float = Field(1 / 6, ge=0, lt=0.5)
+    resize: Literal["bilinear", "bicubic", "nearest", "lanczos", "area"] = "bilinear"
+
+
+class DataConfig(_Model):
+    manifest: Name | None = None  # None: built-in synthetic phantoms
+    format: Literal["auto", "csv", "jsonl", "covidx", "folders"] = "auto"
+    image_root: Name | None = None
+    classes: Annotated[UniqueList[Name], Field(min_length=2)] = list(DEFAULT_CLASSES)
+    aliases: dict[Name, Name] = {}
+    preprocess: Preprocess = Field(default_factory=Preprocess)
+    craft_split: Name = "train"
+    eval_splits: UniqueList[Name] = ["train", "test"]
+    max_images: dict[Name, Annotated[int, Field(gt=0)]] = {}
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        splits = [self.craft_split, *self.eval_splits]
+        for split in self.max_images:
+            if split not in splits:
+                raise _At(("max_images", split), f"split {split!r} is neither craft_split nor in eval_splits")
+        for alias, target in self.aliases.items():
+            if alias in self.classes and alias != target:
+                raise _At(("aliases", alias), f"{alias!r} is itself a class; it cannot be an alias of {target!r}")
+        return self
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One attack configuration of the expanded grid."""
+
+    kind: Kind
+    target: str | None
+    norm: str
+    zeta: float
+    eps: float
+    max_iter: int
+    delta: float
+    clip: bool
+    algorithm: str
+
+    @property
+    def key(self) -> str:
+        """Stable, filename-safe id, e.g. "nontargeted_inf_z0.02" or "targeted-COVID-19_2_z0.01"."""
+        head = self.kind if self.target is None else f"targeted-{re.sub(r'[^A-Za-z0-9_.-]', '_', self.target)}"
+        return f"{head}_{self.norm}_z{float(self.zeta)!r}"
+
+
+class AttackGrid(_Model):
+    kinds: UniqueList[Kind]
+    targets: Annotated[Literal["all"] | list[str], BeforeValidator(_targets)] = "all"
+    norms: UniqueList[Norm]
+    zetas: UniqueList[Zeta]
+    eps: float = Field(0.001, gt=0)
+    max_iter: int = Field(15, ge=1)
+    delta: float = Field(1e-6, ge=0, lt=1)
+    clip: bool = True
+    algorithm: Literal["paper"] = "paper"
+
+    @model_validator(mode="after")
+    def _check(self) -> AttackGrid:
+        if "targets" in self.model_fields_set and "targeted" not in self.kinds:
+            raise _At(("targets",), "targets is set but kinds has no 'targeted'")
+        return self
+
+    def expand(self, classes: Sequence[str]) -> list[Cell]:
+        """Cells in order kind, target, norm, zeta; targets 'all' means every class in `classes`."""
+        targets = list(classes) if self.targets == "all" else self.targets
+        shared = dict(eps=self.eps, max_iter=self.max_iter, delta=self.delta, clip=self.clip, algorithm=self.algorithm)
+        return [
+            Cell(kind=kind, target=target, norm=norm, zeta=zeta, **shared)
+            for kind in self.kinds
+            for target in ([None] if kind == "nontargeted" else targets)
+            for norm in self.norms
+            for zeta in self.zetas
+        ]
+
+
+class RandomControls(_Model):
+    draws: int = Field(5, ge=0)
+
+
+class Threshold(_Model):
+    """A pass/fail rule on one metric of one split, for every cell its selectors pick (unset = any)."""
+
+    name: Name | None = None
+    metric: Metric
+    split: Name
+    kind: Kind | None = None
+    target: Name | None = None
+    norm: Norm | None = None
+    zeta: Zeta | None = None
+    max: float | None = None
+    min: float | None = None
+
+    @property
+    def per_cell(self) -> bool:
+        """False for clean_accuracy, which is measured once per split, not per attack cell (selects() is False)."""
+        return self.metric != "clean_accuracy"
+
+    @property
+    def effective_kind(self) -> Kind | None:
+        """The kind selector, with targeted implied by metric targeted_success_rate or a target."""
+        if self.kind is None and (self.metric == "targeted_success_rate" or self.target is not None):
+            return "targeted"
+        return self.kind
+
+    @property
+    def limit(self) -> float:
+        return self.max if self.max is not None else self.min
+
+    def selects(self, cell: Cell) -> bool:
+        kind = self.effective_kind
+        return (
+            self.per_cell
+            and (kind is None or cell.kind == kind)
+            and (self.target is None or cell.target == self.target)
+            and (self.norm is None or cell.norm == self.norm)
+            and (self.zeta is None or math.isclose(cell.zeta, self.zeta, rel_tol=1e-9))
+        )
+
+    @model_validator(mode="after")
+    def _check(self) -> Threshold:
+        if (self.max is None) == (self.min is None):
+            raise _At((), "give exactly one of max or min")
+        bound = "max" if self.max is not None else "min"
+        low = -1.0 if self.metric == "uap_over_random" else 0.0
+        if not low <= self.limit <= 1:
+            raise _At((bound,), f"must be in [{low:g}, 1] for {self.metric}, got {self.limit!r}")
+        if not self.per_cell:
+            for key in ("kind", "target", "norm", "zeta"):
+                if getattr(self, key) is not None:
+                    raise _At((key,), "clean_accuracy is measured on clean images; remove this attack selector")
+        if self.kind == "nontargeted" and self.metric == "targeted_success_rate":
+            raise _At(("kind",), "targeted_success_rate applies to targeted attacks only")
+        if self.kind == "nontargeted" and self.target is not None:
+            raise _At(("target",), "nontargeted attacks have no target; drop target or set kind: targeted")
+        if self.name is None:
+            self.name = self._default_name()
+        return self
+
+    def _default_name(self) -> str:
+        parts = [self.effective_kind, self.target and f"to {self.target}",
+                 self.norm and f"L{self.norm}", self.zeta is not None and f"zeta={self.zeta:g}"]
+        sel = ", ".join(p for p in parts if p) or "all cells"
+        where = self.split if not self.per_cell else f"{self.split}, {sel}"
+        return f"{self.metric} ({where}) {'<=' if self.max is not None else '>='} {self.limit:g}"
+
+
+class HardeningAttack(_Model):
+    kind: Kind = "nontargeted"
+    target: Name | None = None
+    norm: Norm = "inf"
+    zeta: Zeta = 0.02
+
+    @model_validator(mode="after")
+    def _check(self) -> HardeningAttack:
+        if self.kind == "targeted" and self.target is None:
+            raise _At(("target",), "a targeted hardening attack needs a target class")
+        if self.kind == "nontargeted" and self.target is not None:
+            raise _At(("target",), "nontargeted attacks have no target; drop target or set kind: targeted")
+        return self
+
+
+class Hardening(_Model):
+    """Adversarial retraining (paper section 2.4)."""
+
+    enabled: bool = False
+    rounds: int = Field(5, ge=1)
+    uaps_per_round: int = Field(10, ge=1)
+    epochs: int = Field(5, ge=1)
+    perturbed_fraction: float = Field(0.5, gt=0, lt=1)
+    attack: HardeningAttack = Field(default_factory=HardeningAttack)
+    optimizer: Literal["adam", "sgd"] = "adam"
+    learning_rate: float = Field(1e-4, gt=0)
+    batch_size: int = Field(32, ge=1)
+    seed: int | None = Field(None, ge=0)
+
+
+class ReportConfig(_Model):
+    title: Name = "UAP robustness audit"
+    organisation: str = ""
+    intended_use: str = ""
+    formats: UniqueList[ReportFormat] = ["html", "pdf", "json", "junit"]
+
+
+class Policy(_Model):
+    version: Literal[1]
+    seed: int = Field(0, ge=0)
+    data: DataConfig = Field(default_factory=DataConfig)
+    attacks: Annotated[list[AttackGrid], Field(min_length=1)]
+    random_controls: RandomControls = Field(default_factory=RandomControls)
+    thresholds: list[Threshold] = []
+    hardening: Hardening = Field(default_factory=Hardening)
+    report: ReportConfig = Field(default_factory=ReportConfig)
+    _source: str = PrivateAttr("<policy>")
+
+    @model_validator(mode="after")
+    def _check(self) -> Policy:
+        names: dict[str, int] = {}
+        for i, t in enumerate(self.thresholds):
+            if t.split not in self.data.eval_splits:
+                raise _At(("thresholds", i, "split"),
+                          f"split {t.split!r} is not evaluated (data.eval_splits: {', '.join(self.data.eval_splits)})")
+            if t.metric == "uap_over_random" and self.random_controls.draws == 0:
+                raise _At(("thresholds", i, "metric"), "uap_over_random needs random_controls.draws >= 1")
+            if t.name in names:
+                raise _At(("thresholds", i, "name"), f"name {t.name!r} is already used by thresholds.{names[t.name]}")
+            names[t.name] = i
+        return self
+
+    def cells(self, classes: Sequence[str]) -> list[Cell]:
+        """The attack grid expanded in policy order; unknown target classes or repeated cells raise AuditkitError."""
+        out: list[Cell] = []
+        origin: dict[str, int] = {}
+        for i, grid in enumerate(self.attacks):
+            if grid.targets != "all":
+                for j, target in enumerate(grid.targets):
+                    _check_class(target, classes, self._where(f"attacks.{i}.targets.{j}"))
+            for cell in grid.expand(classes):
+                if cell.key in origin:
+                    raise AuditkitError(
+                        f"cell {cell.key!r} is already produced by attacks.{origin[cell.key]}; "
+                        "each (kind, target, norm, zeta) may appear once", where=self._where(f"attacks.{i}"))
+                origin[cell.key] = i
+                out.append(cell)
+        return out
+
+    def sha256(self) -> str:
+        """Hash of the canonical JSON of the validated policy (defaults filled in, paths resolved)."""
+        text = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+    def _where(self, path: str) -> str:
+        return f"{self._source}: {path}"
+
+
+def validate_against_classes(policy: Policy, classes: Sequence[str]) -> None:
+    """Check every class name in the policy against `classes`, the grid for repeated cells, and that every
+    per-cell threshold selects at least one cell. Raises AuditkitError naming the key path."""
+    classes = list(classes)
+    for alias, target in policy.data.aliases.items():
+        _check_class(target, classes, policy._where(f"data.aliases.{alias}"))
+    cells = policy.cells(classes)
+    for i, t in enumerate(policy.thresholds):
+        if t.target is not None:
+            _check_class(t.target, classes, policy._where(f"thresholds.{i}.target"))
+        if t.per_cell and not any(t.selects(c) for c in cells):
+            keys = ", ".join(c.key for c in cells[:8]) + (", ..." if len(cells) > 8 else "")
+            raise AuditkitError(f"selects no cell of the attack grid (cells: {keys})", where=policy._where(f"thresholds.{i}"))
+    if policy.hardening.attack.target is not None:
+        _check_class(policy.hardening.attack.target, classes, policy._where("hardening.attack.target"))
+
+
+def parse_policy(data: Any, source: str = "<policy>") -> Policy:
+    """Validate a policy mapping (as loaded from YAML) and check it against its own data.classes."""
+    if not isinstance(data, dict):
+        raise AuditkitError(f"a policy must be a mapping of keys, got {type(data).__name__}", where=source)
+    try:
+        policy = Policy.model_validate(data)
+    except ValidationError as err:
+        raise _to_auditkit_error(err, source) from None
+    policy._source = source
+    validate_against_classes(policy, policy.data.classes)
+    return policy
+
+
+def load_policy(path: str | Path) -> Policy:
+    """Read and validate a policy file; relative data paths are resolved against the file's folder."""
+    path = Path(path)
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise AuditkitError("policy file not found", where=source) from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise AuditkitError(f"cannot read policy file: {err}", where=source) from None
+    policy = parse_policy(_load_yaml(text, source), source)
+    base = path.resolve().parent
+    resolved = {key: str(base / Path(value).expanduser()) for key in ("manifest", "image_root")
+                if (value := getattr(policy.data, key)) is not None}
+    policy.data = policy.data.model_copy(update=resolved)
+    return policy
+
+
+def _check_class(name: str, classes: Sequence[str], where: str) -> None:
+    if name not in classes:
+        by_lower = {c.lower(): c for c in classes}
+        close = difflib.get_close_matches(name.lower(), list(by_lower), n=1)
+        hint = f" (did you mean {by_lower[close[0]]!r}?)" if close else ""
+        raise AuditkitError(f"unknown class {name!r}{hint}; classes are: {', '.join(classes)}", where=where)
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that rejects repeated keys and reads 1e-6 as a float (YAML 1.2), not as a string."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if not isinstance(key, Hashable):
+                    continue  # the base constructor reports it
+                if key in first_line:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first given on line {first_line[key]})",
+                        key_node.start_mark)
+                first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.?[0-9_]*|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _load_yaml(text: str, source: str) -> Any:
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        data = None if node is None else loader.construct_document(node)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"{source}:{mark.line + 1}" if mark else source
+        problem = " ".join(p for p in (err.context, err.problem) if p) or str(err)
+        raise AuditkitError(f"invalid YAML: {problem}", where=where) from None
+    except yaml.YAMLError as err:
+        raise AuditkitError(f"invalid YAML: {err}", where=source) from None
+    finally:
+        loader.dispose()
+    if node is None:
+        raise AuditkitError("policy file is empty", where=source)
+    if not isinstance(data, dict):
+        raise AuditkitError(f"the top level must be a mapping of keys (version, data, attacks, ...), "
+                            f"got a {type(data).__name__}", where=f"{source}:{node.start_mark.line + 1}")
+    return data
+
+
+def _to_auditkit_error(err: ValidationError, source: str) -> AuditkitError:
+    """The first pydantic error as one line: '<source>: <key.path>: <what is wrong>, got <value>'."""
+    errors = err.errors()
+    first = errors[0]
+    loc = tuple(first["loc"])
+    cause = first.get("ctx", {}).get("error")
+    kind = first["type"]
+    if isinstance(cause, _At):
+        loc += cause.loc
+        message = cause.message
+    elif isinstance(cause, ValueError):
+        message = str(cause)
+    elif kind == "extra_forbidden":
+        message = _unknown_key(loc)
+    elif kind == "missing":
+        message = "required key is missing"
+    elif kind == "too_short":
+        at_least = first["ctx"]["min_length"]
+        message = f"must have at least {at_least} entr{'y' if at_least == 1 else 'ies'}, got {_short(first['input'])}"
+    elif kind in ("model_type", "model_attributes_type", "dict_type"):
+        message = f"must be a mapping of keys, got {_short(first['input'])}"
+    else:
+        message = f"{first['msg'].replace('Input should be', 'must be', 1)}, got {_short(first['input'])}"
+    if len(errors) > 1:
+        message += f" (+{len(errors) - 1} more)"
+    path = ".".join(str(part) for part in loc)
+    return AuditkitError(message, where=f"{source}: {path}" if path else source)
+
+
+def _unknown_key(loc: tuple) -> str:
+    key = str(loc[-1])
+    allowed = sorted(_model_at(loc[:-1]).model_fields)
+    close = difflib.get_close_matches(key, allowed, n=1)
+    return f"unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else f"; allowed: {', '.join(allowed)}")
+
+
+def _model_at(loc: tuple) -> type[BaseModel]:
+    """The model class found at a key path of Policy (list indices skipped)."""
+    model: type[BaseModel] = Policy
+    for part in loc:
+        if isinstance(part, str) and part in model.model_fields:
+            model = _find_model(model.model_fields[part].annotation) or model
+    return model
+
+
+def _find_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        if found := _find_model(arg):
+            return found
+    return None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
