@@ -140,9 +140,24 @@ class _CompiledLoop:
             pred = tf.argmax(model.tf_log_probs(perturbed(x + rho)), axis=1, output_type=tf.int32)
             return fooled(pred, y)
 
+        def sgd_step(x, rho, y, alpha, xi, loss_cap):
+            """One stochastic PGD step on a mini-batch: ascend the batch-mean (capped) cross-entropy, project."""
+            with tf.GradientTape() as tape:
+                tape.watch(rho)
+                ce = -tf.gather(model.tf_log_probs(perturbed(x + rho)), y, axis=1, batch_dims=1)
+                objective = -tf.reduce_mean(ce) if targeted else tf.reduce_mean(tf.minimum(ce, loss_cap))
+            g = tape.gradient(objective, rho)
+            if norm == "inf":
+                direction = tf.sign(g)
+            else:
+                direction = g / tf.maximum(tf.norm(g), GRAD_NORM_FLOOR)
+            return project_tf(rho + alpha * direction, xi)
+
+        batch = tf.TensorSpec([None, size, size], tf.float32)
         self.step = tf.function(step, input_signature=[plane, plane, tf.TensorSpec([], tf.int32), scalar, scalar])
-        self.fooled_batch = tf.function(fooled_batch, input_signature=[
-            tf.TensorSpec([None, size, size], tf.float32), plane, tf.TensorSpec([None], tf.int32)])
+        self.sgd_step = tf.function(sgd_step, input_signature=[batch, plane, tf.TensorSpec([None], tf.int32),
+                                                               scalar, scalar, scalar])
+        self.fooled_batch = tf.function(fooled_batch, input_signature=[batch, plane, tf.TensorSpec([None], tf.int32)])
 
 
 def _compiled(model: TFAdapter, norm: str, clip: bool, targeted: bool) -> _CompiledLoop:
@@ -234,3 +249,62 @@ class UAPAttack:
                 window = 2
             i += 1
         return np.asarray(rho_t, np.float32), steps
+
+
+@dataclass
+class SGDUAPAttack:
+    """Stochastic-gradient UAP (Shafahi et al. 2020, "Universal adversarial training"): a different algorithm
+    from the paper's. rho follows signed (L-inf) or normalised (L2) gradient steps of the mini-batch mean
+    cross-entropy — capped at `loss_cap` for nontargeted attacks so images already fooled stop pulling — with a
+    cosine-decayed step of `step_size` x xi, projected onto the xi-ball after every step. `epochs` passes.
+    """
+
+    norm: str
+    xi: float
+    epochs: int = 15
+    batch_size: int = 32
+    step_size: float = 0.1
+    loss_cap: float = 3.0
+    delta: float = 1e-6
+    clip: bool = True
+    progress: Callable[[int, int, int, float | None], None] | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        check_norm(self.norm)
+        if not (self.xi >= 0 and self.epochs >= 1 and self.batch_size >= 1 and self.step_size > 0):
+            raise ValueError(f"invalid SGD-UAP settings: {self}")
+
+    def craft(self, model: TFAdapter, images: np.ndarray, criterion: Criterion, rng: np.random.Generator,
+              clean_pred: np.ndarray | None = None) -> CraftResult:
+        model.require_gradients()
+        images = model.check_images(images)
+        n = len(images)
+        if clean_pred is None:
+            clean_pred = model.predict(images)
+        labels = criterion.labels(np.asarray(clean_pred)).astype(np.int32)
+        loop = _compiled(model, self.norm, self.clip, criterion.targeted)
+        exact = UAPAttack(norm=self.norm, xi=self.xi, clip=self.clip, batch_size=64)
+        per_epoch = -(-n // self.batch_size)
+        total = self.epochs * per_epoch
+        xi, cap = np.float32(self.xi), np.float32(self.loss_cap)
+        rho = np.zeros(images.shape[1:], np.float32)
+        rates: list[float] = []
+        start, t = time.perf_counter(), 0
+        for epoch in range(1, self.epochs + 1):
+            order = rng.permutation(n)
+            for b in range(0, n, self.batch_size):
+                if self.progress and b == 0:
+                    self.progress(epoch, 0, n, None)
+                idx = order[b : b + self.batch_size]
+                alpha = self.step_size * self.xi * (0.01 + 0.99 * 0.5 * (1 + np.cos(np.pi * t / total)))
+                rho = loop.sgd_step(images[idx], rho, labels[idx], np.float32(alpha), xi, cap)
+                t += 1
+            rho = np.asarray(rho, np.float32)
+            rate = float(exact.fooled(model, images, rho, labels, criterion.targeted).mean()) if n else 0.0
+            rates.append(rate)
+            if self.progress:
+                self.progress(epoch, n, n, rate)
+            if rate >= 1.0 - self.delta:
+                break
+        return CraftResult(np.asarray(rho, np.float32), len(rates), rates, n * len(rates), t,
+                           time.perf_counter() - start)

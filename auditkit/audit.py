@@ -14,7 +14,7 @@ import numpy as np
 
 from . import __version__
 from . import metrics as M
-from .attacks import Nontargeted, Targeted, UAPAttack, perturb, random_control, xi_for
+from .attacks import Nontargeted, SGDUAPAttack, Targeted, UAPAttack, perturb, random_control, xi_for
 from .data import Dataset, Preprocess, load_dataset
 from .errors import AuditkitError
 from .models import ModelAdapter
@@ -186,8 +186,13 @@ def _run_cell(policy: Policy, cell: Cell, model, craft: Split, splits: dict[str,
             progress.update(total, f"{cell.key} pass {pass_no}/{cell.max_iter}: {name} {rate:.1%}")
             progress.done()
 
-    attack = UAPAttack(norm=cell.norm, xi=xi, eps=cell.eps, max_iter=cell.max_iter, delta=cell.delta,
-                       clip=cell.clip, progress=on_progress)
+    if cell.algorithm == "sgd":
+        attack = SGDUAPAttack(norm=cell.norm, xi=xi, epochs=cell.max_iter, batch_size=cell.sgd.batch_size,
+                              step_size=cell.sgd.step_size, loss_cap=cell.sgd.loss_cap, delta=cell.delta,
+                              clip=cell.clip, progress=on_progress)
+    else:
+        attack = UAPAttack(norm=cell.norm, xi=xi, eps=cell.eps, max_iter=cell.max_iter, delta=cell.delta,
+                           clip=cell.clip, progress=on_progress)
     crafted = attack.craft(model, craft.images, criterion, rng, clean_pred=craft.clean_pred)
     rho = crafted.rho
     uap_file = f"uaps/{cell.key}.npy"
@@ -212,9 +217,11 @@ def _run_cell(policy: Policy, cell: Cell, model, craft: Split, splits: dict[str,
     return CellResult(
         key=cell.key, kind=cell.kind, target=cell.target, norm=cell.norm, zeta=cell.zeta, xi=xi,
         mean_image_norm=mean_norm, eps=cell.eps, max_iter=cell.max_iter, delta=cell.delta, clip=cell.clip,
-        algorithm=cell.algorithm, seed=policy.seed, uap_file=uap_file,
+        algorithm=cell.algorithm, algorithm_settings=cell.sgd.model_dump() if cell.sgd else {},
+        seed=policy.seed, uap_file=uap_file,
         uap_norm_l2=float(np.linalg.norm(rho)), uap_norm_linf=float(np.abs(rho).max()),
-        passes=crafted.passes, crafting_rates=crafted.rates, visited=crafted.visited, seconds=crafted.seconds,
+        passes=crafted.passes, crafting_rates=crafted.rates, visited=crafted.visited, gradient_steps=crafted.steps,
+        seconds=crafted.seconds,
         evals=evals, controls=controls,
         examples=_examples(cell, model, splits, policy, rho, classes, target, out_dir),
     )
@@ -278,7 +285,7 @@ def _rule_value(metric: str, cell: CellResult, split: str) -> float:
 
 def _as_cell(c: CellResult) -> Cell:
     return Cell(kind=c.kind, target=c.target, norm=c.norm, zeta=c.zeta, eps=c.eps, max_iter=c.max_iter,
-                delta=c.delta, clip=c.clip, algorithm=c.algorithm)
+                delta=c.delta, clip=c.clip, algorithm=c.algorithm)  # selectors never look at sgd settings
 
 
 def _data_info(policy: Policy, dataset: Dataset, fmt: str, synthetic: bool) -> DataInfo:

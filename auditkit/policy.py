@@ -130,6 +130,15 @@ class DataConfig(_Model):
         return self
 
 
+class SGDSettings(_Model):
+    """Stochastic PGD on mini-batches (Shafahi et al. 2020), `algorithm: sgd`; max_iter counts epochs."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
+    batch_size: int = Field(32, ge=1)
+    step_size: float = Field(0.1, gt=0, le=1)  # first step as a fraction of xi; cosine-decayed to 1% of it
+    loss_cap: float = Field(3.0, gt=0)  # per-image cross-entropy is clipped here, so fooled images stop pulling
+
+
 @dataclass(frozen=True)
 class Cell:
     """One attack configuration of the expanded grid."""
@@ -143,12 +152,14 @@ class Cell:
     delta: float
     clip: bool
     algorithm: str
+    sgd: SGDSettings | None = None
 
     @property
     def key(self) -> str:
-        """Stable, filename-safe id, e.g. "nontargeted_inf_z0.02" or "targeted-COVID-19_2_z0.01"."""
+        """Stable, filename-safe id, e.g. "nontargeted_inf_z0.02" or "targeted-COVID-19_2_z0.01" (+ "_sgd")."""
         head = self.kind if self.target is None else f"targeted-{re.sub(r'[^A-Za-z0-9_.-]', '_', self.target)}"
-        return f"{head}_{self.norm}_z{float(self.zeta)!r}"
+        tail = "" if self.algorithm == "paper" else f"_{self.algorithm}"
+        return f"{head}_{self.norm}_z{float(self.zeta)!r}{tail}"
 
 
 class AttackGrid(_Model):
@@ -160,18 +171,22 @@ class AttackGrid(_Model):
     max_iter: int = Field(15, ge=1)
     delta: float = Field(1e-6, ge=0, lt=1)
     clip: bool = True
-    algorithm: Literal["paper"] = "paper"
+    algorithm: Literal["paper", "sgd"] = "paper"
+    sgd: SGDSettings = Field(default_factory=SGDSettings)
 
     @model_validator(mode="after")
     def _check(self) -> AttackGrid:
         if "targets" in self.model_fields_set and "targeted" not in self.kinds:
             raise _At(("targets",), "targets is set but kinds has no 'targeted'")
+        if "sgd" in self.model_fields_set and self.algorithm != "sgd":
+            raise _At(("sgd",), "sgd settings are given but algorithm is 'paper'; set algorithm: sgd or drop them")
         return self
 
     def expand(self, classes: Sequence[str]) -> list[Cell]:
         """Cells in order kind, target, norm, zeta; targets 'all' means every class in `classes`."""
         targets = list(classes) if self.targets == "all" else self.targets
-        shared = dict(eps=self.eps, max_iter=self.max_iter, delta=self.delta, clip=self.clip, algorithm=self.algorithm)
+        shared = dict(eps=self.eps, max_iter=self.max_iter, delta=self.delta, clip=self.clip, algorithm=self.algorithm,
+                      sgd=self.sgd if self.algorithm == "sgd" else None)
         return [
             Cell(kind=kind, target=target, norm=norm, zeta=zeta, **shared)
             for kind in self.kinds

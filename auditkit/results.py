@@ -76,7 +76,7 @@ class CellResult:
     max_iter: int
     delta: float
     clip: bool
-    algorithm: str
+    algorithm: str  # "paper" (the exact loop) | "sgd"
     seed: int
     uap_file: str  # relative to the run directory
     uap_norm_l2: float
@@ -88,6 +88,8 @@ class CellResult:
     evals: dict[str, SplitEval]
     controls: dict[str, ControlSummary]
     examples: list[Example] = field(default_factory=list)
+    algorithm_settings: dict[str, Any] = field(default_factory=dict)  # sgd: batch_size, step_size, loss_cap
+    gradient_steps: int = 0  # per-image (paper) or mini-batch (sgd) gradient steps
 
     def headline(self, split: str) -> Rate:
         """R_f for nontargeted cells, R_s for targeted ones."""

@@ -147,3 +147,28 @@ def test_xi_is_zeta_times_mean_image_norm():
     assert mean == pytest.approx(0.375) and xi == pytest.approx(0.0075)
     xi2, mean2 = xi_for(X, "2", 0.5)
     assert mean2 == pytest.approx((0.5 + 1.0) / 2) and xi2 == pytest.approx(0.375)
+
+
+@pytest.mark.parametrize("norm", ["inf", "2"])
+@pytest.mark.parametrize("target", [None, 1])
+def test_sgd_mode_stays_in_the_ball_is_seeded_and_beats_random(reg, norm, target):
+    from auditkit.attacks import SGDUAPAttack, perturb
+
+    _, adapter, X = reg
+    xi, _ = xi_for(X, norm, 0.1)
+    criterion = Nontargeted() if target is None else Targeted(target)
+    attack = SGDUAPAttack(norm=norm, xi=xi, epochs=4, batch_size=8, step_size=0.2)
+    a = attack.craft(adapter, X, criterion, np.random.default_rng(4))
+    b = attack.craft(adapter, X, criterion, np.random.default_rng(4))
+    assert np.array_equal(a.rho, b.rho) and a.steps == 4 * 5
+    assert image_norms(a.rho[None], norm)[0] <= xi * (1 + 1e-5)
+    clean = adapter.predict(X)
+    labels = criterion.labels(clean)
+
+    def success(rho):
+        pred = adapter.predict(perturb(X, rho, True))
+        return np.mean(pred == labels) if target is not None else np.mean(pred != labels)
+
+    controls = [success(random_control(X.shape[1:], norm, xi, np.random.default_rng(s))) for s in range(5)]
+    assert success(a.rho) > max(controls)
+    assert a.rates[-1] == pytest.approx(success(a.rho))

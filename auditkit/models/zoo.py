@@ -1,0 +1,305 @@
+"""Built-in reference models: small COVID-Net-style networks (Wang, Lin & Wong 2020, arXiv 2003.09871).
+
+The COVID-Net design kept here: PEPX modules (1x1 projection -> 1x1 expansion -> 3x3 depthwise ->
+1x1 projection -> 1x1 extension), stages whose PEPX modules are densely connected (each receives the
+sum of the stage's input projection and every earlier PEPX output of the stage), stride-2 downsampling
+between stages, then global pooling and a 3-class softmax. Scaled far down (strided stem, narrow stages)
+so that the UAP loop's per-image gradient is cheap on a CPU.
+"""
+from __future__ import annotations
+
+import datetime
+import functools
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ..errors import AuditkitError
+from .adapters import configure_tensorflow
+
+ZOO_CLASSES = ("normal", "pneumonia", "COVID-19")
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+TRAIN_PREPROCESS = {"size": 224, "crop_top": 1 / 6, "resize": "bilinear"}
+
+
+@dataclass(frozen=True)
+class _Arch:
+    stem: int  # filters of the 7x7 stride-4 stem
+    widths: tuple[int, ...]  # channels of each stage (56, 28, 14, 7 px at 224 input)
+    depths: tuple[int, ...]  # PEPX modules per stage
+    head: int  # units of the hidden dense layer
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    name: str
+    description: str
+    input_size: int
+    classes: tuple[str, ...]
+    builder: Callable[[int, int], Any]  # (input_size, seed) -> keras.Model
+
+
+def _covidnet(arch: _Arch, input_size: int, seed: int, name: str):
+    """A Functional COVID-Net-style model: image (H, W, 1) in [0, 1] -> softmax over 3 classes."""
+    configure_tensorflow()
+    import keras
+    from keras import layers
+
+    counter = iter(range(1, 1_000_000))
+
+    def init(kind: str = "he"):
+        s = seed * 1_000_003 + next(counter)  # one fixed seed per layer: same seed, same weights
+        return keras.initializers.HeNormal(seed=s) if kind == "he" else keras.initializers.GlorotUniform(seed=s)
+
+    def conv(x, filters, kernel, nm, strides=1, act=None):
+        return layers.Conv2D(filters, kernel, strides=strides, padding="same", use_bias=act is not None,
+                             activation=act, kernel_initializer=init(), name=nm)(x)
+
+    def bn(x, nm):
+        return layers.BatchNormalization(momentum=0.9, name=nm)(x)
+
+    def pepx(x, width, nm):
+        y = conv(x, width // 2, 1, f"{nm}_proj")
+        y = conv(y, width, 1, f"{nm}_expand", act="relu")
+        y = layers.DepthwiseConv2D(3, padding="same", use_bias=False, depthwise_initializer=init(),
+                                   name=f"{nm}_dw")(y)
+        y = layers.ReLU(name=f"{nm}_dw_relu")(bn(y, f"{nm}_dw_bn"))
+        y = conv(y, width // 2, 1, f"{nm}_proj2")
+        y = conv(y, width, 1, f"{nm}_extend", act="relu")
+        return bn(y, f"{nm}_bn")
+
+    image = keras.Input((input_size, input_size, 1), name="image")
+    x = layers.Rescaling(4.0, offset=-2.0, name="standardise")(image)  # [0, 1] -> [-2, 2]
+    x = conv(x, arch.stem, 7, "stem", strides=4)
+    x = layers.ReLU(name="stem_relu")(bn(x, "stem_bn"))
+    for i, (width, depth) in enumerate(zip(arch.widths, arch.depths), start=1):
+        if i > 1:
+            x = layers.MaxPooling2D(2, name=f"stage{i}_down")(x)
+        outs = [bn(conv(x, width, 1, f"stage{i}_in"), f"stage{i}_in_bn")]
+        for j in range(1, depth + 1):
+            inp = outs[0] if len(outs) == 1 else layers.Add(name=f"stage{i}_sum{j}")(outs)
+            outs.append(pepx(inp, width, f"stage{i}_pepx{j}"))
+        x = layers.ReLU(name=f"stage{i}_relu")(layers.Add(name=f"stage{i}_out")(outs))
+    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    x = layers.Dense(arch.head, activation="relu", kernel_initializer=init(), name="fc")(x)
+    probs = layers.Dense(len(ZOO_CLASSES), activation="softmax", kernel_initializer=init("glorot"),
+                         name="probs")(x)
+    return keras.Model(image, probs, name=name)
+
+
+def _entry(name: str, description: str, arch: _Arch) -> ZooEntry:
+    return ZooEntry(name, description, 224, ZOO_CLASSES,
+                    functools.partial(_covidnet, arch, name=name))
+
+
+ZOO = {
+    "covidnet_small": _entry(
+        "covidnet_small", "COVID-Net-style CNN, small: 4 stages of 1-2 densely connected PEPX modules",
+        _Arch(stem=16, widths=(24, 48, 96, 160), depths=(1, 2, 2, 1), head=64)),
+    "covidnet_large": _entry(
+        "covidnet_large", "COVID-Net-style CNN, large: 4 stages of 2-3 densely connected PEPX modules",
+        _Arch(stem=24, widths=(32, 64, 128, 224), depths=(2, 3, 3, 2), head=128)),
+}
+
+
+def _zoo_entry(name: str) -> ZooEntry:
+    if name not in ZOO:
+        raise AuditkitError(f"unknown zoo model {name!r}; available: {', '.join(ZOO)}", where="model")
+    return ZOO[name]
+
+
+def build_model(name: str, input_size: int | None = None, seed: int = 0):
+    """A freshly initialised zoo model (weights fixed by `seed`); input "image" (H, W, 1) in [0, 1]."""
+    entry = _zoo_entry(name)
+    size = entry.input_size if input_size is None else input_size
+    if isinstance(size, bool) or not isinstance(size, int) or size < 32:
+        raise AuditkitError(f"input_size must be an integer >= 32, got {size!r}", where="input_size")
+    return entry.builder(size, seed)
+
+
+def count_flops(model) -> int:
+    """FLOPs per image, counting one multiply-add as 2 FLOPs, over Conv2D, DepthwiseConv2D and Dense layers.
+
+    Biases, normalisation, activations, pooling and additions are not counted (the usual convention for
+    CNN FLOP figures). Computed from the layers' static shapes; nested models are walked.
+    """
+    import keras
+
+    total = 0
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            total += count_flops(layer)
+            continue
+        if not isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)):
+            continue
+        out_shape = tuple(layer.output.shape[1:])
+        cin = int(layer.input.shape[-1])
+        positions = math.prod(int(d) for d in out_shape[:-1])
+        if isinstance(layer, keras.layers.DepthwiseConv2D):
+            kh, kw = layer.kernel_size
+            macs = positions * kh * kw * cin * layer.depth_multiplier
+        elif isinstance(layer, keras.layers.Conv2D):
+            kh, kw = layer.kernel_size
+            macs = positions * kh * kw * (cin // layer.groups) * layer.filters
+        else:
+            macs = positions * cin * layer.units
+        total += 2 * macs
+    return int(total)
+
+
+def _augment(x: np.ndarray, rng: np.random.Generator, max_shift: int) -> np.ndarray:
+    """Seeded light augmentation: integer shifts (edge-padded), brightness and contrast changes."""
+    n, h, w = x.shape
+    padded = np.pad(x, ((0, 0), (max_shift, max_shift), (max_shift, max_shift)), mode="edge")
+    dy, dx = rng.integers(0, 2 * max_shift + 1, (2, n))
+    out = np.stack([padded[i, dy[i]: dy[i] + h, dx[i]: dx[i] + w] for i in range(n)])
+    contrast = rng.uniform(0.85, 1.15, (n, 1, 1)).astype(np.float32)
+    brightness = rng.uniform(-0.06, 0.06, (n, 1, 1)).astype(np.float32)
+    mean = out.mean(axis=(1, 2), keepdims=True)
+    return np.clip((out - mean) * contrast + mean + brightness, 0.0, 1.0)
+
+
+def _check_xy(x, y, what: str) -> tuple[np.ndarray, np.ndarray]:
+    x = np.asarray(x, dtype=np.float32)
+    y = np.asarray(y).astype(np.int64)
+    if x.ndim != 3 or len(x) != len(y) or len(x) == 0:
+        raise AuditkitError(f"expected images (N, H, W) and N labels, got {x.shape} and {y.shape}", where=what)
+    if y.min() < 0 or y.max() >= len(ZOO_CLASSES):
+        raise AuditkitError(f"labels must be in 0..{len(ZOO_CLASSES) - 1}", where=what)
+    return x, y
+
+
+def train_model(model, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, *,
+                epochs: int, batch_size: int = 32, learning_rate: float = 1e-3, seed: int = 0,
+                augment: bool = True, progress: Callable[[int, dict], None] | None = None) -> dict:
+    """Train in place with Adam and a cosine-decayed learning rate; returns the per-epoch history.
+
+    Deterministic for a given seed: Keras/TF seeds and op determinism are set, and shuffling and
+    augmentation draw from a numpy Generator seeded with `seed`. The validation set is only monitored.
+    """
+    tf = configure_tensorflow()
+    import keras
+
+    x_train, y_train = _check_xy(x_train, y_train, "x_train")
+    x_val, y_val = _check_xy(x_val, y_val, "x_val")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise AuditkitError(f"epochs must be a positive integer, got {epochs!r}", where="epochs")
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+    steps = math.ceil(len(x_train) / batch_size)
+    schedule = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=epochs * steps, alpha=0.02)
+    model.compile(optimizer=keras.optimizers.Adam(schedule), loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+    rng = np.random.default_rng(seed)
+    history: dict[str, list[float]] = {"loss": [], "accuracy": [], "val_loss": [], "val_accuracy": []}
+    for epoch in range(1, epochs + 1):
+        order = rng.permutation(len(x_train))
+        xb = _augment(x_train[order], rng, max_shift=max(1, x_train.shape[1] // 28)) if augment \
+            else x_train[order]
+        fit = model.fit(xb[..., None], y_train[order], batch_size=batch_size, epochs=1, shuffle=False, verbose=0)
+        val = model.evaluate(x_val[..., None], y_val, batch_size=64, verbose=0, return_dict=True)
+        logs = {"loss": float(fit.history["loss"][-1]), "accuracy": float(fit.history["accuracy"][-1]),
+                "val_loss": float(val["loss"]), "val_accuracy": float(val["accuracy"])}
+        for k, v in logs.items():
+            history[k].append(v)
+        if progress is not None:
+            progress(epoch, logs)
+    return history
+
+
+def weights_path(name: str) -> Path:
+    """Where the shipped weights of a zoo model live: auditkit/weights/<name>.weights.h5."""
+    return WEIGHTS_DIR / f"{_zoo_entry(name).name}.weights.h5"
+
+
+def _info_path(name: str) -> Path:
+    return WEIGHTS_DIR / f"{_zoo_entry(name).name}.json"
+
+
+def weights_info(name: str) -> dict:
+    """The shipped weights' metadata (trained_on, recipe, epochs, seed, test_accuracy, date, sha256); {} if none."""
+    path = _info_path(name)
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise AuditkitError(f"unreadable weights metadata ({exc})", where=str(path)) from None
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def load_zoo_model(name: str):
+    """Build a zoo model and load its shipped weights (checked against the recorded sha256)."""
+    entry = _zoo_entry(name)
+    path = weights_path(name)
+    if not path.is_file():
+        raise AuditkitError(f"zoo model {name} has no trained weights; run `auditkit zoo train {name}`",
+                            where=str(path))
+    expected = weights_info(name).get("sha256")
+    if expected and _sha256(path) != expected:
+        raise AuditkitError(f"weights file does not match the sha256 recorded in {_info_path(name).name}",
+                            where=str(path))
+    model = build_model(entry.name)
+    try:
+        model.load_weights(path)
+    except Exception as exc:  # noqa: BLE001 - h5py/Keras raise many types for a bad file
+        raise AuditkitError(f"cannot load weights ({str(exc).strip().splitlines()[0]})", where=str(path)) from None
+    return model
+
+
+def train_zoo_weights(name: str, *, epochs: int = 30, seed: int = 0, learning_rate: float = 2e-3,
+                      batch_size: int = 32, manifest: Path | None = None, out_dir: Path | None = None,
+                      progress: Callable[[int, dict], None] | None = None) -> dict:
+    """Train a zoo model on a phantom manifest (default: the built-in set) and write its weights and metadata.
+
+    Uses the manifest's train split for training and its test split for the reported accuracy (no model
+    selection on it: fixed epochs). Writes <out_dir or auditkit/weights>/<name>.weights.h5 and <name>.json;
+    returns the metadata.
+    """
+    from ..data import Preprocess, load_dataset
+    from ..phantoms import DEFAULT_PARAMS, PHANTOM_GENERATOR, default_phantom_manifest
+
+    entry = _zoo_entry(name)
+    default_set = manifest is None
+    manifest = default_phantom_manifest() if default_set else Path(manifest)
+    data = load_dataset(manifest, entry.classes, preprocess=Preprocess(**TRAIN_PREPROCESS))
+    train, test = data.subset("train"), data.subset("test")
+    model = build_model(name, seed=seed)
+    history = train_model(model, train.floats(), train.labels, test.floats(), test.labels, epochs=epochs,
+                          batch_size=batch_size, learning_rate=learning_rate, seed=seed, progress=progress)
+    probs = model.predict(test.floats()[..., None], batch_size=64, verbose=0)
+    accuracy = float(np.mean(np.argmax(probs, axis=1) == test.labels))
+
+    out = Path(out_dir) if out_dir is not None else WEIGHTS_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    weights = out / f"{name}.weights.h5"
+    model.save_weights(weights)
+    counts = data.class_counts()
+    trained_on = (f"{PHANTOM_GENERATOR} synthetic phantoms (not patient data), "
+                  f"train {sum(counts['train'].values())} / test {sum(counts['test'].values())}")
+    if default_set:
+        trained_on += f", default set {json.dumps(DEFAULT_PARAMS, sort_keys=True)}"
+    info = {
+        "name": name,
+        "trained_on": trained_on,
+        "recipe": (f"auditkit.models.zoo.train_zoo_weights: preprocess crop_top=1/6, bilinear resize to 224; "
+                   f"Adam lr {learning_rate:g} with cosine decay, batch {batch_size}, {epochs} epochs, seeded shuffling and "
+                   f"augmentation (shifts up to 8 px, brightness +-0.06, contrast x0.85-1.15); "
+                   f"fixed epochs, no selection on the test split"),
+        "epochs": epochs,
+        "seed": seed,
+        "test_accuracy": accuracy,
+        "history": history,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+        "sha256": _sha256(weights),
+    }
+    (out / f"{name}.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    return info

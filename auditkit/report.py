@@ -1,0 +1,416 @@
+"""Audit reports from an AuditResult: self-contained HTML, PDF (WeasyPrint), results.json and JUnit XML.
+
+Reads only the result and the run directory's .npy files (UAPs, example images); never imports TensorFlow,
+so `auditkit report results.json` can rebuild every report from results.json alone.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import re
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
+
+import jinja2
+import numpy as np
+from markupsafe import Markup
+
+from .errors import AuditkitError
+from .metrics import Rate, row_normalise
+from .results import (AuditResult, CellResult, Example, RuleResult, atomic_write_bytes, atomic_write_text,
+                      write_json)
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+FILENAMES = {"html": "report.html", "pdf": "report.pdf", "json": "results.json", "junit": "junit.xml"}
+DPI = 110
+_XML_ILLEGAL = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+# ---------------------------------------------------------------- number formatting (one place for all)
+
+def _missing(x: Any) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
+def fmt_pct(x: float | None) -> str:
+    """A proportion as a percentage with one decimal: 0.874 -> '87.4%'; None/nan -> 'n/a'."""
+    return "n/a" if _missing(x) else f"{100 * x:.1f}%"
+
+
+def fmt_rate(r: Rate | None) -> str:
+    """A rate with its Wilson 95% interval: '87.4% [83.1–90.6]'."""
+    if r is None or _missing(r.value):
+        return "n/a"
+    return f"{fmt_pct(r.value)} [{100 * r.low:.1f}–{100 * r.high:.1f}]"
+
+
+def fmt_num(x: float | int | None) -> str:
+    """A plain number, four significant digits for floats."""
+    if _missing(x):
+        return "n/a"
+    if isinstance(x, (int, np.integer)) and not isinstance(x, bool):
+        return str(int(x))
+    if math.isinf(x):
+        return "∞" if x > 0 else "−∞"
+    return f"{x:.4g}"
+
+
+def fmt_db(x: float | None) -> str:
+    return "n/a" if _missing(x) else ("∞ dB" if math.isinf(x) else f"{x:.1f} dB")
+
+
+def fmt_seconds(x: float | None) -> str:
+    if _missing(x):
+        return "n/a"
+    h, rest = divmod(int(round(x)), 3600)
+    return f"{x:.1f} s" + (f" ({h}:{rest // 60:02d}:{rest % 60:02d})" if x >= 60 else "")
+
+
+def fmt_norm(p: str) -> str:
+    return "∞" if p == "inf" else p
+
+
+def fmt_selectors(sel: dict[str, Any]) -> str:
+    if not sel:
+        return "all cells"
+    return ", ".join(f"{k}={', '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in sel.items())
+
+
+def cell_label(cell: CellResult) -> str:
+    what = f"targeted to {cell.target}" if cell.kind == "targeted" else cell.kind
+    return f"{what}, p = {fmt_norm(cell.norm)}, ζ = {fmt_pct(cell.zeta)}"
+
+
+def rule_comparison(rule: RuleResult) -> str:
+    """'87.4% > 20.0%': the measured value against the limit, with the relation that holds.
+
+    Every policy metric is a proportion (uap_over_random a difference of two), so all show as percentages.
+    """
+    measured, limit = fmt_pct(rule.measured), fmt_pct(rule.limit)
+    if _missing(rule.measured):
+        return f"measured n/a, limit {limit}"
+    if rule.bound == "max":
+        op = "≤" if rule.measured <= rule.limit else ">"
+    else:
+        op = "≥" if rule.measured >= rule.limit else "<"
+    return f"{measured} {op} {limit}"
+
+
+# ---------------------------------------------------------------- layout helpers over the result
+
+def _splits(result: AuditResult) -> list[str]:
+    """Evaluated splits: the declared eval splits first, then any other split found in the result."""
+    seen = list(result.data.eval_splits)
+    for evals in [result.clean, *(c.evals for c in result.cells)]:
+        seen += [s for s in evals if s not in seen]
+    return seen
+
+
+def _figure_split(evals: dict[str, Any], splits: list[str]) -> str | None:
+    """The split shown in figures: 'test' if present, else the last evaluated split."""
+    if "test" in evals:
+        return "test"
+    present = [s for s in splits if s in evals]
+    return present[-1] if present else None
+
+
+def _cell_order(cell: CellResult, classes: list[str]) -> tuple:
+    """Nontargeted before targeted, then as in the paper's tables: p = 2 before ∞, ζ ascending, target class."""
+    target = classes.index(cell.target) if cell.target in classes else len(classes)
+    return (cell.kind != "nontargeted", cell.norm != "2", cell.zeta, target, cell.key)
+
+
+def _targeted_tables(result: AuditResult, classes: list[str]) -> tuple[list[str], list[dict[str, Any]]]:
+    """Targets (columns) and rows of (norm, ζ) -> {target: cell}, one row per cell where a pair repeats."""
+    cells = sorted((c for c in result.cells if c.kind == "targeted"), key=lambda c: _cell_order(c, classes))
+    targets = list(dict.fromkeys(c.target for c in cells))
+    rows: list[dict[str, Any]] = []
+    for c in cells:
+        row = next((r for r in rows if r["norm"] == c.norm and r["zeta"] == c.zeta and c.target not in r["cells"]),
+                   None)
+        if row is None:
+            row = {"norm": c.norm, "zeta": c.zeta, "cells": {}}
+            rows.append(row)
+        row["cells"][c.target] = c
+    return targets, rows
+
+
+# ---------------------------------------------------------------- figures (matplotlib, Agg, inline PNG)
+
+def _new_figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _png_uri(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def confusion_figure(confusion: list[list[int]], classes: list[str], title: str) -> str:
+    """Row-normalised heatmap with counts and percentages annotated (rows true labels, columns predictions)."""
+    counts = np.asarray(confusion, dtype=np.int64)
+    share = row_normalise(counts)
+    k = len(classes)
+    side = 1.0 + 0.55 * k
+    fig = _new_figure(side + 1.0, side + 0.5)
+    ax = fig.add_subplot()
+    im = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
+    has_row = counts.sum(axis=1) > 0
+    for i in range(k):
+        for j in range(k):
+            text = f"{counts[i, j]}\n{fmt_pct(share[i, j]) if has_row[i] else '–'}"
+            ax.text(j, i, text, ha="center", va="center", fontsize=7.5, parse_math=False,
+                    color="white" if share[i, j] > 0.55 else "#1a1a1a")
+    ax.set_xticks(range(k), labels=classes, rotation=30, ha="right", fontsize=8, parse_math=False)
+    ax.set_yticks(range(k), labels=classes, fontsize=8, parse_math=False)
+    ax.set_xlabel("Prediction", fontsize=8)
+    ax.set_ylabel("True label", fontsize=8)
+    ax.set_title(title, fontsize=8.5, parse_math=False)
+    bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    bar.ax.tick_params(labelsize=7)
+    bar.set_label("share of true class", fontsize=7)
+    fig.tight_layout()
+    return _png_uri(fig)
+
+
+def uap_figure(cell: CellResult, uap: np.ndarray) -> str:
+    """The UAP stretched to the full grey range (min -> black, max -> white); the colour bar gives real values."""
+    lo, hi = float(uap.min()), float(uap.max())
+    fig = _new_figure(3.0, 2.85)
+    ax = fig.add_subplot()
+    im = ax.imshow(uap, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1e-12, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(f"UAP, p = {fmt_norm(cell.norm)}, ζ = {fmt_pct(cell.zeta)} (display-scaled)", fontsize=8,
+                 parse_math=False)
+    ax.set_xlabel(f"‖ρ‖₂ = {fmt_num(cell.uap_norm_l2)}, ‖ρ‖∞ = {fmt_num(cell.uap_norm_linf)}\n"
+                  f"budget ξ = {fmt_num(cell.xi)}", fontsize=7.5, parse_math=False)
+    bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    bar.ax.tick_params(labelsize=6.5)
+    bar.set_label("perturbation value", fontsize=7)
+    fig.tight_layout()
+    return _png_uri(fig)
+
+
+def examples_figure(uap: np.ndarray, examples: list[tuple[Example, np.ndarray]], per_row: int = 4) -> str:
+    """Pairs of clean and adversarial (clean + UAP, clipped to [0, 1]) images with their predicted labels."""
+    rows = math.ceil(len(examples) / per_row)
+    cols = 2 * min(per_row, len(examples))
+    fig = _new_figure(max(1.05 * cols, 3.0), 1.75 * rows)
+    grid = fig.add_gridspec(rows, cols, wspace=0.08, hspace=0.6, left=0.01, right=0.99, top=0.88, bottom=0.16)
+
+    def panel(row: int, col: int, img: np.ndarray, title: str, label: str, alarm: bool) -> None:
+        ax = fig.add_subplot(grid[row, col])
+        ax.imshow(img, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(title, fontsize=7.5, parse_math=False)
+        ax.set_xlabel(label, fontsize=7, parse_math=False, color="#b00020" if alarm else "#1a1a1a")
+
+    for i, (ex, img) in enumerate(examples):
+        row, col = divmod(i, per_row)
+        panel(row, 2 * col, img, f"{ex.id}: clean", f"true: {ex.true_label}\npred: {ex.clean_prediction}", False)
+        panel(row, 2 * col + 1, np.clip(img + uap, 0.0, 1.0), "+ UAP", f"\npred: {ex.adversarial_prediction}",
+              ex.adversarial_prediction != ex.clean_prediction)
+    return _png_uri(fig)
+
+
+def _load_plane(run_dir: Path, rel: str) -> tuple[np.ndarray | None, str | None]:
+    """A float HxW array from run_dir/rel, or None and a note saying why it cannot be shown."""
+    root = run_dir.resolve()
+    path = (run_dir / rel).resolve()
+    if not path.is_relative_to(root):
+        return None, f"{rel} lies outside the run directory and was not read"
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        return None, f"{rel} is missing"
+    except (OSError, ValueError, EOFError) as exc:
+        return None, f"{rel} could not be read ({exc})"
+    if not isinstance(arr, np.ndarray) or not np.issubdtype(arr.dtype, np.floating):
+        return None, f"{rel} does not hold a floating-point array"
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    elif arr.ndim == 3 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim != 2:
+        return None, f"{rel} has shape {arr.shape}, expected one H x W plane"
+    if not np.all(np.isfinite(arr)):
+        return None, f"{rel} holds non-finite values"
+    return arr.astype(np.float32), None
+
+
+def _cell_figures(cell: CellResult, result: AuditResult, run_dir: Path, splits: list[str]) -> dict[str, Any]:
+    classes = result.model.classes
+    fig: dict[str, Any] = {"cell": cell, "split": _figure_split(cell.evals, splits), "confusion": None,
+                           "uap": None, "examples": None, "notes": []}
+    if fig["split"] is not None:
+        conf = cell.evals[fig["split"]].confusion
+        if np.shape(conf) == (len(classes), len(classes)):
+            fig["confusion"] = confusion_figure(conf, classes, f"{fig['split']} split under attack")
+        else:
+            fig["notes"].append(f"confusion matrix has shape {np.shape(conf)}, not {len(classes)} x {len(classes)}")
+    uap, note = _load_plane(run_dir, cell.uap_file)
+    if uap is None:
+        fig["notes"].append(f"UAP figure omitted: {note}")
+        return fig
+    examples = []
+    for ex in cell.examples:
+        img, note = _load_plane(run_dir, f"samples/{ex.sample}.npy")
+        if img is None:
+            fig["notes"].append(f"example {ex.id} omitted: {note}")
+        elif img.shape != uap.shape:
+            fig["notes"].append(f"example {ex.id} omitted: image shape {img.shape} differs from UAP {uap.shape}")
+        else:
+            examples.append((ex, img))
+    fig["uap"] = uap_figure(cell, uap)
+    fig["examples"] = examples_figure(uap, examples) if examples else None
+    return fig
+
+
+# ---------------------------------------------------------------- HTML
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters.update(pct=fmt_pct, rate=fmt_rate, num=fmt_num, db=fmt_db, seconds=fmt_seconds,
+                       norm=fmt_norm, selectors=fmt_selectors, cell_label=cell_label, comparison=rule_comparison)
+    return env
+
+
+def render_html(result: AuditResult, run_dir: Path) -> str:
+    """The audit report as one self-contained HTML page (CSS and figures inline as data: URIs)."""
+    run_dir = Path(run_dir)
+    splits = _splits(result)
+    classes = result.model.classes
+    cells = sorted(result.cells, key=lambda c: _cell_order(c, classes))
+    targets, targeted_rows = _targeted_tables(result, classes)
+    clean_split = _figure_split(result.clean, splits)
+    clean_figure = None
+    if clean_split is not None and np.shape(result.clean[clean_split].confusion) == (len(classes), len(classes)):
+        clean_figure = confusion_figure(result.clean[clean_split].confusion, classes,
+                                        f"clean (no perturbation): {clean_split} split")
+    env = _environment()
+    css = (TEMPLATES / "report.css").read_text(encoding="utf-8")
+    return env.get_template("report.html.j2").render(
+        r=result,
+        css=Markup(css),
+        splits=splits,
+        cells=cells,
+        nontargeted=[c for c in cells if c.kind == "nontargeted"],
+        targets=targets,
+        targeted_rows=targeted_rows,
+        small_splits=[(s, e.n) for s, e in result.clean.items() if e.n < 100],
+        unclipped=[c.key for c in cells if not c.clip],
+        algorithms=sorted({c.algorithm for c in cells}),
+        draws=sorted({c.draws for cell in cells for c in cell.controls.values()}),
+        clean_split=clean_split,
+        clean_figure=clean_figure,
+        figures=[_cell_figures(c, result, run_dir, splits) for c in cells],
+        policy_json=json.dumps(result.provenance.policy, indent=2, sort_keys=False, default=str),
+    )
+
+
+# ---------------------------------------------------------------- PDF
+
+def _url_fetcher(run_dir: Path):
+    """A WeasyPrint fetcher serving only data: URIs and files inside run_dir; anything else is refused."""
+    from weasyprint import URLFetcher
+
+    root = Path(run_dir).resolve()
+
+    class RunDirFetcher(URLFetcher):
+        def fetch(self, url, headers=None):
+            parts = urlsplit(url)
+            scheme = parts.scheme.lower()
+            if scheme == "data":
+                return super().fetch(url, headers)
+            if scheme == "file" and parts.netloc in ("", "localhost"):
+                path = Path(url2pathname(parts.path)).resolve()
+                if path.is_relative_to(root) and path.is_file():
+                    return super().fetch(url, headers)
+            raise ValueError(f"refused to fetch {url!r}: only data: URIs and files inside {root} are served")
+
+    return RunDirFetcher(allowed_protocols=("data", "file"))
+
+
+def render_pdf(html: str, run_dir: Path) -> bytes:
+    """The PDF of the report's HTML; resources only from data: URIs and the run directory."""
+    from weasyprint import HTML
+
+    return HTML(string=html, base_url=str(Path(run_dir).resolve()), url_fetcher=_url_fetcher(run_dir)).write_pdf()
+
+
+# ---------------------------------------------------------------- JUnit
+
+def _xml(text: Any) -> str:
+    return _XML_ILLEGAL.sub("\ufffd", str(text))
+
+
+def render_junit(result: AuditResult) -> str:
+    """JUnit XML: one testcase per threshold rule, a <failure> on each failing rule."""
+    prov = result.provenance
+    suite = ET.Element("testsuite", {
+        "name": _xml(f"auditkit: {result.title}"), "tests": str(len(result.rules)),
+        "failures": str(len(result.failed_rules)), "errors": "0", "skipped": "0",
+        "time": f"{prov.seconds:.3f}", "timestamp": _xml(prov.started)})
+    props = ET.SubElement(suite, "properties")
+    entries = [("verdict", result.verdict), ("model", result.model.name)]
+    entries += [("model.sha256", f"{sha}  {name}") for name, sha in result.model.sha256.items()]
+    entries += [("policy.sha256", prov.policy_sha256), ("seed", prov.seed), ("auditkit", prov.auditkit)]
+    for name, value in entries:
+        ET.SubElement(props, "property", name=name, value=_xml(value))
+    for rule in result.rules:
+        case = ET.SubElement(suite, "testcase", classname=_xml(f"auditkit.{rule.split}"), name=_xml(rule.name),
+                             time="0")
+        detail = (f"{rule.metric} on {rule.split} ({fmt_selectors(rule.selectors)}), bound {rule.bound}: "
+                  f"{rule_comparison(rule)}; worst cell {rule.worst_cell or 'n/a'}; "
+                  f"cells {', '.join(rule.cells) or 'none'}")
+        if rule.passed:
+            ET.SubElement(case, "system-out").text = _xml(detail)
+        else:
+            message = (f"{rule.metric} measured {fmt_pct(rule.measured)}, limit {rule.bound} {fmt_pct(rule.limit)}, "
+                       f"worst cell {rule.worst_cell or 'n/a'}")
+            ET.SubElement(case, "failure", message=_xml(message), type="ThresholdViolated").text = _xml(detail)
+    root = ET.Element("testsuites", {"name": "auditkit", "tests": suite.get("tests"),
+                                     "failures": suite.get("failures"), "errors": "0"})
+    root.append(suite)
+    ET.indent(root)
+    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
+
+
+# ---------------------------------------------------------------- all of them
+
+def write_reports(result: AuditResult, run_dir: Path, formats: Sequence[str]) -> dict[str, Path]:
+    """Write the requested formats (html, pdf, json, junit) into run_dir atomically; format -> path."""
+    run_dir = Path(run_dir)
+    wanted = list(dict.fromkeys(formats))
+    for fmt in wanted:
+        if fmt not in FILENAMES:
+            raise AuditkitError(f"unknown report format {fmt!r} (choose from {', '.join(FILENAMES)})", "formats")
+    html = render_html(result, run_dir) if {"html", "pdf"} & set(wanted) else ""
+    written: dict[str, Path] = {}
+    for fmt in wanted:
+        path = run_dir / FILENAMES[fmt]
+        if fmt == "json":
+            write_json(result, path)
+        elif fmt == "html":
+            atomic_write_text(path, html)
+        elif fmt == "pdf":
+            atomic_write_bytes(path, render_pdf(html, run_dir))
+        else:
+            atomic_write_text(path, render_junit(result))
+        written[fmt] = path
+    return written

@@ -1,0 +1,199 @@
+"""End-to-end: `auditkit run` on a tiny model, outputs, exit codes, re-rendering, determinism, bad input."""
+import json
+import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from auditkit.cli import app
+from conftest import CLASSES, json_without_times, write_policy
+
+runner = CliRunner()
+
+
+def run_cli(*args):
+    result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+@pytest.fixture(scope="module")
+def passing_run(tmp_path_factory, tiny_model, phantom_manifest):
+    d = tmp_path_factory.mktemp("run")
+    policy = write_policy(d / "policy.yaml")
+    code, output = run_cli("run", "--model", tiny_model, "--policy", policy, "--data", phantom_manifest,
+                           "--out", d / "out", "--formats", "html,pdf,json,junit")
+    return d, code, output
+
+
+def test_run_writes_every_output_and_exits_0_on_pass(passing_run):
+    d, code, output = passing_run
+    assert code == 0, output
+    out = d / "out"
+    for name in ("results.json", "report.html", "report.pdf", "junit.xml"):
+        assert (out / name).stat().st_size > 0, name
+    results = json.loads((out / "results.json").read_text())
+    assert results["verdict"] == "PASS" and results["schema_version"] == "1.0"
+    keys = [c["key"] for c in results["cells"]]
+    assert keys == ["nontargeted_inf_z0.04", "nontargeted_2_z0.04", "targeted-COVID-19_inf_z0.04",
+                    "targeted-COVID-19_2_z0.04"]
+    for cell in results["cells"]:
+        rho = np.load(out / cell["uap_file"], allow_pickle=False)
+        assert rho.dtype == np.float32 and rho.shape == (32, 32)
+        norm = np.abs(rho).max() if cell["norm"] == "inf" else np.linalg.norm(rho)
+        assert norm <= cell["xi"] * (1 + 1e-5)
+        assert cell["evals"]["test"]["n"] == 30 and cell["controls"]["test"]["draws"] == 2
+    prov = results["provenance"]
+    assert prov["seed"] == 5 and len(prov["policy_sha256"]) == 64 and prov["tensorflow"]
+    assert set(results["model"]["sha256"]) == {"tiny.keras"}
+    assert not list(d.glob(".out.partial-*")), "the staging folder was left behind"
+
+
+def test_html_tables_hold_the_numbers_of_results_json(passing_run):
+    d, _, _ = passing_run
+    html = (d / "out" / "report.html").read_text()
+    results = json.loads((d / "out" / "results.json").read_text())
+    for cell in results["cells"]:
+        for split in ("train", "test"):
+            ev = cell["evals"][split]
+            rate = ev["targeted_success_rate"] if cell["kind"] == "targeted" else ev["fooling_rate"]
+            assert f"{100 * rate['value']:.1f}%" in html, (cell["key"], split)
+    clean = results["clean"]["test"]["accuracy"]["value"]
+    assert f"{100 * clean:.1f}%" in html
+
+
+def test_pdf_text_holds_verdict_and_tables(passing_run):
+    if not shutil.which("pdftotext"):
+        pytest.skip("pdftotext (poppler-utils) is not installed")
+    d, _, _ = passing_run
+    text = subprocess.run(["pdftotext", "-layout", str(d / "out" / "report.pdf"), "-"], capture_output=True,
+                          text=True, check=True).stdout
+    results = json.loads((d / "out" / "results.json").read_text())
+    assert "PASS" in text
+    rf = results["cells"][0]["evals"]["test"]["fooling_rate"]["value"]
+    assert f"{100 * rf:.1f}%" in text
+
+
+def test_junit_has_one_testcase_per_rule_and_failures_where_rules_fail(tmp_path, tiny_model, phantom_manifest):
+    policy = write_policy(tmp_path / "p.yaml", thresholds="""  - name: loose
+    metric: fooling_rate
+    split: test
+    max: 1.0
+  - name: impossible
+    metric: clean_accuracy
+    split: test
+    min: 1.0
+  - name: lift
+    metric: uap_over_random
+    split: train
+    kind: nontargeted
+    max: 1.0""")
+    code, output = run_cli("run", "--model", tiny_model, "--policy", policy, "--data", phantom_manifest,
+                           "--out", tmp_path / "out")
+    assert code == 1, output
+    suite = ET.parse(tmp_path / "out" / "junit.xml").getroot()
+    cases = suite.iter("testcase")
+    failed = {c.get("name"): c.find("failure") is not None for c in cases}
+    assert failed == {"loose": False, "impossible": True, "lift": False}
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["verdict"] == "FAIL"
+    assert [r["passed"] for r in results["rules"]] == [True, False, True]
+
+
+def test_report_command_reproduces_the_html(passing_run, tmp_path):
+    d, _, _ = passing_run
+    code, output = run_cli("report", d / "out" / "results.json", "--out", tmp_path / "again", "--formats", "html")
+    assert code == 0, output
+    assert (tmp_path / "again" / "report.html").read_text() == (d / "out" / "report.html").read_text()
+
+
+def test_same_inputs_give_the_same_uaps_and_json(passing_run, tiny_model, phantom_manifest):
+    d, _, _ = passing_run
+    code, _ = run_cli("run", "--model", tiny_model, "--policy", d / "policy.yaml", "--data", phantom_manifest,
+                      "--out", d / "again", "--formats", "json")
+    assert code == 0
+    assert json_without_times(d / "again" / "results.json") == json_without_times(d / "out" / "results.json")
+    for f in (d / "out" / "uaps").glob("*.npy"):
+        assert np.array_equal(np.load(f), np.load(d / "again" / "uaps" / f.name))
+
+
+def test_a_script_label_is_escaped_in_the_html(tmp_path, tiny_model, phantom_manifest):
+    evil = "<script>alert(1)</script>"
+    classes = ("normal", "pneumonia", evil)
+    policy = write_policy(tmp_path / "p.yaml", classes=classes, extra_data=f'  aliases: {{COVID-19: "{evil}"}}')
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f'classes: [normal, pneumonia, "{evil}"]\n')
+    code, output = run_cli("run", "--model", tiny_model, "--model-spec", spec, "--policy", policy,
+                           "--data", phantom_manifest, "--out", tmp_path / "out", "--formats", "html")
+    assert code == 0, output
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert evil not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda p: p.replace("zetas: [0.04]", "zetas: [1.5]"), "attacks.0.zetas.0"),
+    (lambda p: p.replace("seed: 5", "seed: 5\ncolour: red"), "colour"),
+    (lambda p: p.replace("max_iter: 2", "max_iter: two"), "attacks.0.max_iter"),
+    (lambda p: p.replace('targets: ["COVID-19"]', 'targets: ["flu"]'), "flu"),
+])
+def test_bad_policy_exits_2_with_the_key_path(tmp_path, tiny_model, phantom_manifest, edit, message):
+    policy = write_policy(tmp_path / "p.yaml")
+    policy.write_text(edit(policy.read_text()))
+    code, output = run_cli("run", "--model", tiny_model, "--policy", policy, "--data", phantom_manifest,
+                           "--out", tmp_path / "out")
+    assert code == 2
+    assert message in output and "Traceback" not in output
+    assert len(output.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+    code, output = run_cli("policy", "check", policy)
+    assert code == 2 and message in output
+
+
+def test_bad_manifest_row_exits_2_naming_file_and_row_and_writes_nothing(tmp_path, tiny_model, phantom_manifest):
+    rows = phantom_manifest.read_text().splitlines()
+    rows[3] = rows[3].replace("COVID-19", "influenza").replace("normal", "influenza").replace("pneumonia",
+                                                                                                "influenza")
+    bad = phantom_manifest.parent / "bad.csv"
+    bad.write_text("\n".join(rows) + "\n")
+    code, output = run_cli("run", "--model", tiny_model, "--policy", write_policy(tmp_path / "p.yaml"),
+                           "--data", bad, "--out", tmp_path / "out")
+    assert code == 2 and "bad.csv:4" in output and "influenza" in output
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_missing_model_and_onnx_crafting_exit_2(tmp_path, tiny_model, phantom_manifest):
+    import keras
+    import tensorflow as tf
+    import tf2onnx
+
+    policy = write_policy(tmp_path / "p.yaml")
+    code, output = run_cli("run", "--model", tmp_path / "nope.keras", "--policy", policy, "--out", tmp_path / "o")
+    assert code == 2 and "nope.keras" in output and "no such model" in output
+    model = keras.saving.load_model(tiny_model, safe_mode=True)
+    sig = (tf.TensorSpec((None, 32, 32, 1), tf.float32, name="image"),)
+    tf2onnx.convert.from_keras(model, input_signature=sig, opset=17, output_path=str(tmp_path / "tiny.onnx"))
+    (tmp_path / "tiny.yaml").write_text("classes: [normal, pneumonia, COVID-19]\n")
+    code, output = run_cli("run", "--model", tmp_path / "tiny.onnx", "--policy", policy, "--data", phantom_manifest,
+                           "--out", tmp_path / "o")
+    assert code == 2 and "cannot be attacked white-box yet" in output
+    assert not (tmp_path / "o").exists()
+
+
+def test_policy_check_and_inspect(tiny_model):
+    code, output = run_cli("policy", "check", Path(__file__).parents[1] / "policies" / "paper.yaml")
+    assert code == 0 and "16 cells" in output
+    code, output = run_cli("inspect", "--model", tiny_model)
+    assert code == 0 and "COVID-19" in output and "32x32" in output
+
+
+def test_help_is_fast_because_it_does_not_import_tensorflow():
+    probe = "import sys, auditkit.cli; print('tensorflow' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+    help_text = subprocess.run([sys.executable, "-m", "auditkit", "--help"], capture_output=True, text=True,
+                               check=True).stdout
+    assert "Exit codes" in help_text and "run" in help_text
