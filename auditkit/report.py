@@ -26,7 +26,9 @@ from .metrics import Rate, row_normalise
 from .results import (AuditResult, CellResult, Example, RuleResult, atomic_write_bytes, atomic_write_text,
                       write_json)
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+# an installed wheel has auditkit/templates/; a source checkout has the repo's top-level templates/
+TEMPLATES = next(p for p in (Path(__file__).resolve().parent / "templates",
+                             Path(__file__).resolve().parent.parent / "templates") if p.is_dir())
 FILENAMES = {"html": "report.html", "pdf": "report.pdf", "json": "results.json", "junit": "junit.xml"}
 DPI = 110
 _XML_ILLEGAL = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
@@ -190,26 +192,41 @@ def uap_figure(cell: CellResult, uap: np.ndarray) -> str:
     lo, hi = float(uap.min()), float(uap.max())
     fig = _new_figure(3.0, 2.85)
     ax = fig.add_subplot()
-    im = ax.imshow(uap, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1e-12, interpolation="nearest")
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_title(f"UAP, p = {fmt_norm(cell.norm)}, ζ = {fmt_pct(cell.zeta)} (display-scaled)", fontsize=8,
                  parse_math=False)
-    ax.set_xlabel(f"‖ρ‖₂ = {fmt_num(cell.uap_norm_l2)}, ‖ρ‖∞ = {fmt_num(cell.uap_norm_linf)}\n"
-                  f"budget ξ = {fmt_num(cell.xi)}", fontsize=7.5, parse_math=False)
-    bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    bar.ax.tick_params(labelsize=6.5)
-    bar.set_label("perturbation value", fontsize=7)
+    label = (f"‖ρ‖₂ = {fmt_num(cell.uap_norm_l2)}, ‖ρ‖∞ = {fmt_num(cell.uap_norm_linf)}\n"
+             f"budget ξ = {fmt_num(cell.xi)}")
+    if hi > lo:
+        im = ax.imshow(uap, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
+        bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+        bar.ax.tick_params(labelsize=6.5)
+        bar.set_label("perturbation value", fontsize=7)
+    else:
+        ax.imshow(np.full(uap.shape, 0.5), cmap="gray", vmin=0.0, vmax=1.0)
+        label += f"\nconstant: every value is {fmt_num(lo)}"
+    ax.set_xlabel(label, fontsize=7.5, parse_math=False)
     fig.tight_layout()
     return _png_uri(fig)
 
 
-def examples_figure(uap: np.ndarray, examples: list[tuple[Example, np.ndarray]], per_row: int = 4) -> str:
+def _tail(text: str, n: int = 22) -> str:
+    return text if len(text) <= n else "…" + text[-(n - 1):]
+
+
+EXAMPLES_PER_ROW = 4
+
+
+def examples_figure(uap: np.ndarray, examples: list[tuple[Example, np.ndarray]],
+                    per_row: int = EXAMPLES_PER_ROW) -> str:
     """Pairs of clean and adversarial (clean + UAP, clipped to [0, 1]) images with their predicted labels."""
     rows = math.ceil(len(examples) / per_row)
     cols = 2 * min(per_row, len(examples))
-    fig = _new_figure(max(1.05 * cols, 3.0), 1.75 * rows)
-    grid = fig.add_gridspec(rows, cols, wspace=0.08, hspace=0.6, left=0.01, right=0.99, top=0.88, bottom=0.16)
+    height = 1.85 * rows
+    fig = _new_figure(max(1.05 * cols, 3.0), height)
+    grid = fig.add_gridspec(rows, cols, wspace=0.08, hspace=0.85, left=0.01, right=0.99,
+                            top=1 - 0.22 / height, bottom=0.55 / height)
 
     def panel(row: int, col: int, img: np.ndarray, title: str, label: str, alarm: bool) -> None:
         ax = fig.add_subplot(grid[row, col])
@@ -221,8 +238,9 @@ def examples_figure(uap: np.ndarray, examples: list[tuple[Example, np.ndarray]],
 
     for i, (ex, img) in enumerate(examples):
         row, col = divmod(i, per_row)
-        panel(row, 2 * col, img, f"{ex.id}: clean", f"true: {ex.true_label}\npred: {ex.clean_prediction}", False)
-        panel(row, 2 * col + 1, np.clip(img + uap, 0.0, 1.0), "+ UAP", f"\npred: {ex.adversarial_prediction}",
+        panel(row, 2 * col, img, "clean", f"{_tail(ex.id)}\ntrue: {ex.true_label}\npred: {ex.clean_prediction}",
+              False)
+        panel(row, 2 * col + 1, np.clip(img + uap, 0.0, 1.0), "+ UAP", f"\n\npred: {ex.adversarial_prediction}",
               ex.adversarial_prediction != ex.clean_prediction)
     return _png_uri(fig)
 
@@ -255,7 +273,7 @@ def _load_plane(run_dir: Path, rel: str) -> tuple[np.ndarray | None, str | None]
 def _cell_figures(cell: CellResult, result: AuditResult, run_dir: Path, splits: list[str]) -> dict[str, Any]:
     classes = result.model.classes
     fig: dict[str, Any] = {"cell": cell, "split": _figure_split(cell.evals, splits), "confusion": None,
-                           "uap": None, "examples": None, "notes": []}
+                           "uap": None, "examples": None, "example_rows": 0, "notes": []}
     if fig["split"] is not None:
         conf = cell.evals[fig["split"]].confusion
         if np.shape(conf) == (len(classes), len(classes)):
@@ -277,6 +295,7 @@ def _cell_figures(cell: CellResult, result: AuditResult, run_dir: Path, splits: 
             examples.append((ex, img))
     fig["uap"] = uap_figure(cell, uap)
     fig["examples"] = examples_figure(uap, examples) if examples else None
+    fig["example_rows"] = math.ceil(len(examples) / EXAMPLES_PER_ROW)
     return fig
 
 

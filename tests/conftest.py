@@ -1,4 +1,4 @@
-"""Shared fixtures: a small phantom dataset and a tiny trained CNN (32x32), built once per session."""
+"""Shared fixtures: a small easy image set and a tiny trained CNN (32x32), built once per session."""
 import os
 from pathlib import Path
 
@@ -19,14 +19,29 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 
 @pytest.fixture(scope="session")
 def phantom_manifest(tmp_path_factory) -> Path:
-    from auditkit.phantoms import generate_phantoms
+    """A small image set a tiny CNN learns in seconds: each class brightens its own region of a noisy frame."""
+    from PIL import Image
 
-    return generate_phantoms(tmp_path_factory.mktemp("phantoms") / "set", n_train=120, n_test=60, size=64, seed=3)
+    root = tmp_path_factory.mktemp("easy") / "set"
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[0:64, 0:64]
+    regions = [(xx < 24), (xx > 40), ((yy - 40) ** 2 + (xx - 32) ** 2 < 120)]
+    rows = ["path,label,split"]
+    for split, n in (("train", 120), ("test", 60)):
+        for i in range(n):
+            label = i % 3
+            img = rng.normal(110, 25, (64, 64)) + 40 * regions[label] * rng.uniform(0.6, 1.2)
+            rel = f"{split}/{i:03d}.png"
+            (root / split).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / rel)
+            rows.append(f"{rel},{CLASSES[label]},{split}")
+    (root / "manifest.csv").write_text("\n".join(rows) + "\n")
+    return root / "manifest.csv"
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, phantom_manifest) -> Path:
-    """A 32x32 CNN trained for a few epochs on the phantoms, saved as .keras with its model.yaml."""
+    """A 32x32 CNN trained for a few epochs on that set, saved as .keras with its model.yaml."""
     import keras
 
     from auditkit.data import Preprocess, load_dataset
@@ -37,10 +52,10 @@ def tiny_model(tmp_path_factory, phantom_manifest) -> Path:
     inp = keras.Input((TINY_SIZE, TINY_SIZE, 1), name="image")
     x = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu")(inp)
     x = keras.layers.Conv2D(16, 3, strides=2, padding="same", activation="relu")(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Flatten()(x)  # the classes differ by where they are bright: keep the layout
     model = keras.Model(inp, keras.layers.Dense(3, activation="softmax")(x))
     model.compile(keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy")
-    model.fit(data.floats()[..., None], data.labels, epochs=4, batch_size=32, verbose=0)
+    model.fit(data.floats()[..., None], data.labels, epochs=12, batch_size=16, verbose=0)
     d = tmp_path_factory.mktemp("tiny")
     model.save(d / "tiny.keras")
     (d / "tiny.yaml").write_text("classes: [normal, pneumonia, COVID-19]\n")
@@ -60,9 +75,15 @@ data:
 attacks:
   - kinds: [nontargeted, targeted]
     targets: ["{classes[2]}"]
-    norms: [inf, 2]
-    zetas: [0.04]
-    eps: 0.01
+    norms: [inf]
+    zetas: [0.2]
+    eps: 0.05
+    max_iter: 2
+  - kinds: [nontargeted, targeted]
+    targets: ["{classes[2]}"]
+    norms: [2]
+    zetas: [0.2]
+    eps: 1.0
     max_iter: 2
 random_controls: {{draws: 2}}
 thresholds:

@@ -39,13 +39,13 @@ def test_run_writes_every_output_and_exits_0_on_pass(passing_run):
     results = json.loads((out / "results.json").read_text())
     assert results["verdict"] == "PASS" and results["schema_version"] == "1.0"
     keys = [c["key"] for c in results["cells"]]
-    assert keys == ["nontargeted_inf_z0.04", "nontargeted_2_z0.04", "targeted-COVID-19_inf_z0.04",
-                    "targeted-COVID-19_2_z0.04"]
+    assert keys == ["nontargeted_inf_z0.2", "targeted-COVID-19_inf_z0.2", "nontargeted_2_z0.2",
+                    "targeted-COVID-19_2_z0.2"]
     for cell in results["cells"]:
         rho = np.load(out / cell["uap_file"], allow_pickle=False)
         assert rho.dtype == np.float32 and rho.shape == (32, 32)
         norm = np.abs(rho).max() if cell["norm"] == "inf" else np.linalg.norm(rho)
-        assert norm <= cell["xi"] * (1 + 1e-5)
+        assert 0 < norm <= cell["xi"] * (1 + 1e-5), cell["key"]
         assert cell["evals"]["test"]["n"] == 30 and cell["controls"]["test"]["draws"] == 2
     prov = results["provenance"]
     assert prov["seed"] == 5 and len(prov["policy_sha256"]) == 64 and prov["tensorflow"]
@@ -84,9 +84,10 @@ def test_junit_has_one_testcase_per_rule_and_failures_where_rules_fail(tmp_path,
     split: test
     max: 1.0
   - name: impossible
-    metric: clean_accuracy
-    split: test
-    min: 1.0
+    metric: fooling_rate
+    split: train
+    kind: nontargeted
+    max: 0.0
   - name: lift
     metric: uap_over_random
     split: train
@@ -135,10 +136,10 @@ def test_a_script_label_is_escaped_in_the_html(tmp_path, tiny_model, phantom_man
 
 
 @pytest.mark.parametrize("edit,message", [
-    (lambda p: p.replace("zetas: [0.04]", "zetas: [1.5]"), "attacks.0.zetas.0"),
+    (lambda p: p.replace("zetas: [0.2]", "zetas: [1.5]", 1), "attacks.0.zetas.0"),
     (lambda p: p.replace("seed: 5", "seed: 5\ncolour: red"), "colour"),
-    (lambda p: p.replace("max_iter: 2", "max_iter: two"), "attacks.0.max_iter"),
-    (lambda p: p.replace('targets: ["COVID-19"]', 'targets: ["flu"]'), "flu"),
+    (lambda p: p.replace("max_iter: 2", "max_iter: two", 1), "attacks.0.max_iter"),
+    (lambda p: p.replace('targets: ["COVID-19"]', 'targets: ["flu"]', 1), "flu"),
 ])
 def test_bad_policy_exits_2_with_the_key_path(tmp_path, tiny_model, phantom_manifest, edit, message):
     policy = write_policy(tmp_path / "p.yaml")
