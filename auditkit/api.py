@@ -6,25 +6,29 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from .audit import Progress, load_policy_data, run_audit
+from .audit import Progress, SilentProgress, load_policy_data, run_audit
 from .data import Dataset, Preprocess, load_dataset
 from .errors import AuditkitError
 from .models import ModelAdapter, load_model
 from .policy import Policy, load_policy
 from .results import AuditResult, read_json
 
-__all__ = ["run", "rerender", "load_model", "load_dataset", "load_policy", "Preprocess", "Dataset", "ModelAdapter",
+AFTER_DIR = "after-hardening"  # the hardened model's audit: its UAPs and samples
+
+__all__ = ["harden_model", "load_policy_data", "run", "rerender", "load_model", "load_dataset", "load_policy", "Preprocess", "Dataset", "ModelAdapter",
            "Policy", "AuditResult"]
 
 
 def run(model: str | Path | ModelAdapter, policy: str | Path | Policy, out_dir: str | Path, *,
         data: str | Path | None = None, formats: Sequence[str] | None = None, seed: int | None = None,
-        spec_overrides: Mapping[str, Any] | None = None, command: str = "", progress: Progress | None = None,
-        log: Callable[[str], None] = lambda _msg: None) -> AuditResult:
+        spec_overrides: Mapping[str, Any] | None = None, harden: bool | None = None, command: str = "",
+        progress: Progress | None = None, log: Callable[[str], None] = lambda _msg: None) -> AuditResult:
     """Audit `model` under `policy` and write results, UAPs and reports into `out_dir`.
 
-    Everything is written to a temporary sibling folder first and moved into place at the end, so a run
-    that fails leaves no half-written output.
+    With hardening (the policy's `hardening.enabled`, or `harden=True`) the model is then retrained against
+    UAPs and the whole policy is re-run on the hardened model (`result.hardened`). Everything but the
+    hardening checkpoints (out_dir/hardening/, kept so a killed run resumes) is written to a temporary
+    sibling folder first and moved into place at the end, so a run that fails leaves no half-written output.
     """
     policy_path = "" if isinstance(policy, Policy) else str(policy)
     if not isinstance(policy, Policy):
@@ -39,8 +43,13 @@ def run(model: str | Path | ModelAdapter, policy: str | Path | Policy, out_dir: 
     out_dir = Path(out_dir)
     work = _staging_dir(out_dir)
     try:
-        result = run_audit(policy, adapter, dataset, synthetic=synthetic, data_format=fmt, out_dir=work,
-                           command=command, policy_path=policy_path, progress=progress, log=log)
+        audit_args = dict(synthetic=synthetic, data_format=fmt, command=command, policy_path=policy_path,
+                          progress=progress, log=log)
+        result = run_audit(policy, adapter, dataset, out_dir=work, **audit_args)
+        if policy.hardening.enabled if harden is None else harden:
+            hardened, result.hardening = harden_model(policy, adapter, dataset, work, progress=progress, log=log,
+                                                      checkpoint_dir=out_dir / "hardening")
+            result.hardened = run_audit(policy, hardened, dataset, out_dir=work / AFTER_DIR, **audit_args)
         from .report import write_reports
 
         write_reports(result, work, formats)
@@ -48,6 +57,45 @@ def run(model: str | Path | ModelAdapter, policy: str | Path | Policy, out_dir: 
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return result
+
+
+def harden_model(policy: Policy, model: ModelAdapter, dataset: Dataset, out_dir: Path, *,
+                 progress: Progress | None = None, log: Callable[[str], None] = lambda _msg: None,
+                 checkpoint_dir: Path | None = None):
+    """Adversarial retraining per the policy's hardening block: (hardened adapter, HardeningRecord).
+
+    Trains on the crafting split, measures on the first other evaluated split; the UAP loop's eps, max_iter,
+    delta and clip come from the policy's first attack grid. Checkpoints go to `checkpoint_dir` (default out_dir/hardening/).
+    """
+    from .audit import prepare_splits
+    from .harden import harden
+
+    cfg = policy.data
+    splits = prepare_splits(policy, model, dataset, progress or SilentProgress())
+    held_out = [s for s in cfg.eval_splits if s != cfg.craft_split]
+    if not held_out:
+        raise AuditkitError("hardening needs a held-out split in data.eval_splits besides the crafting split",
+                            "hardening")
+    train, test = splits[cfg.craft_split], splits[held_out[0]]
+    grid, settings = policy.attacks[0], policy.hardening
+    bar = _StepProgress(progress)
+    return harden(model, train.images, train.labels, test.images, test.labels, settings,
+                  seed=policy.seed if settings.seed is None else settings.seed, out_dir=out_dir, eps=grid.eps,
+                  max_iter=grid.max_iter, delta=grid.delta, clip=grid.clip, progress=bar, log=log,
+                  checkpoint_dir=checkpoint_dir)
+
+
+class _StepProgress:
+    """Adapts harden's progress(label, done, total) calls to one Progress bar per label."""
+
+    def __init__(self, progress: Progress | None):
+        self.progress, self.label = progress or SilentProgress(), None
+
+    def __call__(self, label: str, done: int, total: int) -> None:
+        if label != self.label:
+            self.progress.start(label, total)
+            self.label = label
+        self.progress.update(done)
 
 
 def rerender(results_json: str | Path, out_dir: str | Path | None = None,
@@ -60,7 +108,7 @@ def rerender(results_json: str | Path, out_dir: str | Path | None = None,
     run_dir = results_json.parent
     target = Path(out_dir) if out_dir else run_dir
     if target.resolve() != run_dir.resolve():
-        for sub in ("uaps", "samples"):
+        for sub in ("uaps", "samples", AFTER_DIR):
             if (run_dir / sub).is_dir():
                 shutil.copytree(run_dir / sub, target / sub, dirs_exist_ok=True)
     return write_reports(result, target, formats)
@@ -82,7 +130,7 @@ def _staging_dir(out_dir: Path) -> Path:
 def _publish(work: Path, out_dir: Path) -> None:
     """Move a finished run into `out_dir`, replacing the outputs of an earlier run there."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    for sub in ("uaps", "samples"):
+    for sub in ("uaps", "samples", AFTER_DIR):
         if (out_dir / sub).is_dir():
             shutil.rmtree(out_dir / sub)
     for item in work.iterdir():

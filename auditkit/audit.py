@@ -33,7 +33,7 @@ class Progress(Protocol):
     def done(self) -> None: ...
 
 
-class _Silent:
+class SilentProgress:
     def start(self, label: str, total: int) -> None: ...
     def update(self, completed: int, label: str | None = None, total: int | None = None) -> None: ...
     def done(self) -> None: ...
@@ -66,7 +66,7 @@ def load_policy_data(policy: Policy, size: int, manifest: str | Path | None = No
     synthetic = source is None
     if synthetic:
         source = default_phantom_manifest()
-    progress = progress or _Silent()
+    progress = progress or SilentProgress()
     progress.start("loading images", 1)
     dataset = load_dataset(source, cfg.classes, aliases=cfg.aliases, fmt=cfg.format, image_root=cfg.image_root,
                            preprocess=Preprocess(size=size, crop_top=cfg.preprocess.crop_top,
@@ -80,12 +80,12 @@ def run_audit(policy: Policy, model: ModelAdapter, dataset: Dataset, *, syntheti
               out_dir: Path, command: str = "", policy_path: str = "", progress: Progress | None = None,
               log: Callable[[str], None] = lambda _msg: None) -> AuditResult:
     """Craft and evaluate every cell of the policy; write UAPs and example images under `out_dir`."""
-    progress = progress or _Silent()
+    progress = progress or SilentProgress()
     started, t0 = datetime.now(timezone.utc), time.perf_counter()
     classes = _check_classes(model, dataset)
     validate_against_classes(policy, classes)
     model.require_gradients()
-    splits = _prepare_splits(policy, model, dataset, progress)
+    splits = prepare_splits(policy, model, dataset, progress)
     craft = splits[policy.data.craft_split]
     clean = {name: evaluate(splits[name], None, classes) for name in policy.data.eval_splits}
 
@@ -150,7 +150,7 @@ def _check_classes(model: ModelAdapter, dataset: Dataset) -> list[str]:
     return list(dataset.classes)
 
 
-def _prepare_splits(policy: Policy, model: ModelAdapter, dataset: Dataset, progress: Progress) -> dict[str, Split]:
+def prepare_splits(policy: Policy, model: ModelAdapter, dataset: Dataset, progress: Progress) -> dict[str, Split]:
     cfg = policy.data
     names = list(dict.fromkeys([cfg.craft_split, *cfg.eval_splits]))
     out = {}

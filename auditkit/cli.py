@@ -1,7 +1,9 @@
 """The `auditkit` command: a thin typer layer over auditkit.api. TensorFlow is imported only by commands that need it."""
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -134,11 +136,16 @@ def run(
     out_dir: Path = typer.Option(Path("audit-out"), "--out", "-o", help="Output directory."),
     formats: Optional[str] = typer.Option(None, "--formats", help="Comma-separated: html,pdf,json,junit."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Override the policy's seed."),
+    harden: Optional[bool] = typer.Option(None, "--harden/--no-harden", help="Run the policy's hardening block "
+                                          "(default: as the policy's hardening.enabled says)."),
     model_spec: Optional[Path] = SPEC_OPTS["model_spec"], classes: Optional[str] = SPEC_OPTS["classes"],
     input_size: Optional[int] = SPEC_OPTS["input_size"], channels: Optional[int] = SPEC_OPTS["channels"],
     scale: Optional[float] = SPEC_OPTS["scale"], output: Optional[str] = SPEC_OPTS["output"],
 ):
-    """Run a policy's UAP audit on a model; write results.json, report.html/.pdf, junit.xml and uaps/."""
+    """Run a policy's UAP audit on a model; write results.json, report.html/.pdf, junit.xml and uaps/.
+
+    With hardening, the model is retrained against UAPs, exported (.keras and ONNX, parity-checked), and the
+    policy is re-run on it; the exit code then follows the hardened model's verdict."""
     from . import api
 
     fmts = _formats(formats)
@@ -146,9 +153,51 @@ def run(
     command = "auditkit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     with RichProgress() as progress:
         result = api.run(model, policy, out_dir, data=data, formats=fmts, seed=seed, spec_overrides=overrides,
-                         command=command, progress=progress, log=lambda m: console.print(f"  {m}", highlight=False))
+                         harden=harden, command=command, progress=progress, log=_log)
     _print_summary(result, out_dir)
-    raise typer.Exit(0 if result.verdict == "PASS" else 1)
+    if result.hardened is not None:
+        out.print("after hardening:")
+        _print_summary(result.hardened, out_dir / "after-hardening")
+    final = result.hardened or result
+    raise typer.Exit(0 if final.verdict == "PASS" else 1)
+
+
+def _log(message: str) -> None:
+    console.print(f"  {message}", highlight=False)
+
+
+@app.command("harden")
+@_guarded
+def harden_cmd(
+    model: str = typer.Option(..., "--model", "-m", help="Zoo name or .keras file (the model must be trainable)."),
+    policy: Path = typer.Option(..., "--policy", "-p", help="Policy YAML; its hardening block is used."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Manifest instead of the policy's."),
+    out_dir: Path = typer.Option(Path("hardened"), "--out", "-o", help="Output directory."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Override the policy's seed."),
+    model_spec: Optional[Path] = SPEC_OPTS["model_spec"], classes: Optional[str] = SPEC_OPTS["classes"],
+):
+    """Adversarially retrain a model (paper section 2.4): writes hardened.keras, hardened.onnx (parity-checked)
+    and hardening.json. Rerunning the same command resumes after the last finished round."""
+    from . import api
+    from .results import atomic_write_text
+
+    pol = api.load_policy(policy)
+    if seed is not None:
+        pol = pol.model_copy(update={"seed": seed})
+    adapter = api.load_model(model, _spec_overrides(model_spec, classes, None, None, None, None))
+    with RichProgress() as progress:
+        dataset, _, _ = api.load_policy_data(pol, pol.data.preprocess.size or adapter.spec.input_size, data,
+                                             progress)
+        _, record = api.harden_model(pol, adapter, dataset, out_dir, progress=progress, log=_log)
+    atomic_write_text(out_dir / "hardening.json", json.dumps(dataclasses.asdict(record), indent=2) + "\n")
+    first, last = record.rounds[0], record.rounds[-1]
+    parity = record.parity
+    out.print(f"attack success {first.attack_rate.value:.1%} -> {last.attack_rate.value:.1%}, clean accuracy "
+              f"{first.clean_accuracy.value:.1%} -> {last.clean_accuracy.value:.1%}")
+    out.print(f"wrote {out_dir / record.keras_file}" + (f" and {out_dir / record.onnx_file}" if record.onnx_file
+                                                         else "") +
+              (f"; ONNX parity {'PASS' if parity['passed'] else 'FAIL'} (max |Δp| {parity['max_abs_prob_diff']:.1e})"
+               if parity else ""))
 
 
 @app.command()
@@ -225,6 +274,33 @@ def models():
         table.add_row(name, f"{entry.input_size}x{entry.input_size}x1", f"{model.count_params():,}",
                       f"{zoo.count_flops(model) / 1e6:.1f} M", ", ".join(entry.classes), weights)
     out.print(table)
+
+
+@zoo_app.command("train")
+@_guarded
+def zoo_train(
+    name: str = typer.Argument(..., help="covidnet_small or covidnet_large."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Manifest with train/test splits (default: the "
+                                        "built-in phantoms, i.e. the shipped weights' recipe)."),
+    out_dir: Path = typer.Option(Path("zoo-weights"), "--out", "-o", help="Where to write <name>.weights.h5, "
+                                 "<name>.json and <name>.keras."),
+    epochs: int = typer.Option(30, "--epochs", min=1),
+    seed: int = typer.Option(0, "--seed", min=0),
+):
+    """Train a zoo model with the documented deterministic recipe (the one behind the shipped weights)."""
+    from .models import zoo
+
+    with RichProgress() as progress:
+        progress.start(f"training {name}", epochs)
+
+        def on_epoch(epoch: int, logs: dict) -> None:
+            acc = logs.get("val_accuracy", logs.get("accuracy"))
+            progress.update(epoch, f"training {name}: epoch {epoch}/{epochs}, accuracy {acc:.1%}")
+
+        info = zoo.train_zoo_weights(name, epochs=epochs, seed=seed, manifest=data, out_dir=out_dir,
+                                     progress=on_epoch)
+    out.print(f"{name}: test accuracy {info['test_accuracy']:.1%} on {info['trained_on']}")
+    out.print(f"weights: {out_dir / (name + '.weights.h5')} (sha256 {info['sha256'][:16]}…)")
 
 
 def _print_summary(result, out_dir: Path) -> None:

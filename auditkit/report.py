@@ -187,6 +187,57 @@ def confusion_figure(confusion: list[list[int]], classes: list[str], title: str)
     return _png_uri(fig)
 
 
+def hardening_figure(record) -> str:
+    """Fig.-5 style: the fresh UAP's success on the test split per round, clean accuracy on a second axis."""
+    rounds = [r.round for r in record.rounds]
+    rate = np.array([r.attack_rate.value for r in record.rounds]) * 100
+    err = np.array([[r.attack_rate.value - r.attack_rate.low, r.attack_rate.high - r.attack_rate.value]
+                    for r in record.rounds]).T * 100
+    acc = np.array([r.clean_accuracy.value for r in record.rounds]) * 100
+    fig = _new_figure(5.6, 2.9)
+    ax = fig.add_subplot()
+    name = "R_s" if record.metric == "targeted_success_rate" else "R_f"
+    ax.errorbar(rounds, rate, yerr=err, marker="o", color="#b2182b", capsize=3, label=f"{name} of a fresh UAP (test)")
+    ax.set_xlabel("adversarial retraining round (0 = before)", fontsize=8)
+    ax.set_ylabel(f"{name} (%)", fontsize=8, color="#b2182b")
+    ax.set_ylim(0, 100)
+    ax.set_xticks(rounds)
+    ax2 = ax.twinx()
+    ax2.plot(rounds, acc, marker="s", linestyle="--", color="#2166ac", label="clean test accuracy")
+    ax2.set_ylabel("clean accuracy (%)", fontsize=8, color="#2166ac")
+    ax2.set_ylim(0, 100)
+    for a in (ax, ax2):
+        a.tick_params(labelsize=7)
+    fig.legend(loc="lower left", fontsize=7, bbox_to_anchor=(0.1, 0.18))
+    fig.tight_layout()
+    return _png_uri(fig)
+
+
+def _hardening_view(result: AuditResult) -> dict[str, Any] | None:
+    """What the hardening section shows: the per-round plot, the final confusion, before/after side by side."""
+    record, after = result.hardening, result.hardened
+    if record is None:
+        return None
+    classes = result.model.classes
+    split = next((s for s in _splits(result) if s != result.data.craft_split), _splits(result)[-1])
+    before_cells = {c.key: c for c in result.cells}
+    cells = []
+    for c in (after.cells if after else []):
+        b = before_cells.get(c.key)
+        if b is not None and split in c.evals:
+            cells.append({"key": c.key, "kind": c.kind, "before": b.headline(split), "after": c.headline(split)})
+    rules = []
+    for a in (after.rules if after else []):
+        b = next((x for x in result.rules if x.name == a.name), None)
+        rules.append({"name": a.name, "bound": a.bound, "limit": a.limit, "before": b, "after": a})
+    return {
+        "record": record, "after": after, "split": split, "cells": cells, "rules": rules,
+        "figure": hardening_figure(record),
+        "confusion": confusion_figure(record.final_confusion, classes,
+                                      "test split under the last round's UAP, hardened model"),
+    }
+
+
 def uap_figure(cell: CellResult, uap: np.ndarray) -> str:
     """The UAP stretched to the full grey range (min -> black, max -> white); the colour bar gives real values."""
     lo, hi = float(uap.min()), float(uap.max())
@@ -339,6 +390,7 @@ def render_html(result: AuditResult, run_dir: Path) -> str:
         clean_figure=clean_figure,
         figures=[_cell_figures(c, result, run_dir, splits) for c in cells],
         policy_json=json.dumps(result.provenance.policy, indent=2, sort_keys=False, default=str),
+        hardening=_hardening_view(result),
     )
 
 
@@ -378,11 +430,10 @@ def _xml(text: Any) -> str:
     return _XML_ILLEGAL.sub("\ufffd", str(text))
 
 
-def render_junit(result: AuditResult) -> str:
-    """JUnit XML: one testcase per threshold rule, a <failure> on each failing rule."""
+def _junit_suite(result: AuditResult, label: str) -> ET.Element:
     prov = result.provenance
     suite = ET.Element("testsuite", {
-        "name": _xml(f"auditkit: {result.title}"), "tests": str(len(result.rules)),
+        "name": _xml(f"auditkit: {result.title}{label}"), "tests": str(len(result.rules)),
         "failures": str(len(result.failed_rules)), "errors": "0", "skipped": "0",
         "time": f"{prov.seconds:.3f}", "timestamp": _xml(prov.started)})
     props = ET.SubElement(suite, "properties")
@@ -391,8 +442,9 @@ def render_junit(result: AuditResult) -> str:
     entries += [("policy.sha256", prov.policy_sha256), ("seed", prov.seed), ("auditkit", prov.auditkit)]
     for name, value in entries:
         ET.SubElement(props, "property", name=name, value=_xml(value))
+    prefix = "auditkit.hardened." if label else "auditkit."
     for rule in result.rules:
-        case = ET.SubElement(suite, "testcase", classname=_xml(f"auditkit.{rule.split}"), name=_xml(rule.name),
+        case = ET.SubElement(suite, "testcase", classname=_xml(f"{prefix}{rule.split}"), name=_xml(rule.name),
                              time="0")
         detail = (f"{rule.metric} on {rule.split} ({fmt_selectors(rule.selectors)}), bound {rule.bound}: "
                   f"{rule_comparison(rule)}; worst cell {rule.worst_cell or 'n/a'}; "
@@ -403,9 +455,18 @@ def render_junit(result: AuditResult) -> str:
             message = (f"{rule.metric} measured {fmt_pct(rule.measured)}, limit {rule.bound} {fmt_pct(rule.limit)}, "
                        f"worst cell {rule.worst_cell or 'n/a'}")
             ET.SubElement(case, "failure", message=_xml(message), type="ThresholdViolated").text = _xml(detail)
-    root = ET.Element("testsuites", {"name": "auditkit", "tests": suite.get("tests"),
-                                     "failures": suite.get("failures"), "errors": "0"})
-    root.append(suite)
+    return suite
+
+
+def render_junit(result: AuditResult) -> str:
+    """JUnit XML: one testcase per threshold rule, a <failure> on each failing rule; a second suite for the
+    hardened model when the run hardened it."""
+    suites = [_junit_suite(result, "")]
+    if result.hardened is not None:
+        suites.append(_junit_suite(result.hardened, " (hardened model)"))
+    root = ET.Element("testsuites", {"name": "auditkit", "tests": str(sum(int(s.get("tests")) for s in suites)),
+                                     "failures": str(sum(int(s.get("failures")) for s in suites)), "errors": "0"})
+    root.extend(suites)
     ET.indent(root)
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
 

@@ -15,6 +15,8 @@ from .errors import AuditkitError
 from .metrics import Rate
 
 SCHEMA_VERSION = "1.0"
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 @dataclass
@@ -164,6 +166,32 @@ class Provenance:
 
 
 @dataclass
+class HardeningRound:
+    """One round on the test split: the new UAP's R_f (nontargeted) or R_s (targeted), and clean accuracy.
+
+    Round 0 is the model before retraining (train_loss empty).
+    """
+
+    round: int
+    attack_rate: Rate
+    clean_accuracy: Rate
+    train_loss: list[float]  # mean training loss per fine-tuning epoch
+    seconds: float
+
+
+@dataclass
+class HardeningRecord:
+    settings: dict[str, Any]  # the policy's hardening block + eps, max_iter, delta, clip, seed and xi used
+    metric: str  # "fooling_rate" | "targeted_success_rate"
+    rounds: list[HardeningRound]  # round 0 first
+    final_confusion: list[list[int]]  # test split, true label x prediction under the last round's UAP
+    keras_file: str  # relative to the output directory
+    onnx_file: str | None  # None if the ONNX export failed
+    parity: dict[str, Any] | None  # max_abs_prob_diff, argmax_agreement, n, tolerance, passed
+    seconds: float  # all rounds (including those of an interrupted earlier run) plus export
+
+
+@dataclass
 class AuditResult:
     title: str
     organisation: str
@@ -176,6 +204,8 @@ class AuditResult:
     rules: list[RuleResult]
     provenance: Provenance
     schema_version: str = SCHEMA_VERSION
+    hardening: HardeningRecord | None = None  # adversarial retraining, when the policy enables it
+    hardened: AuditResult | None = None  # the same policy re-run on the hardened model
 
     @property
     def failed_rules(self) -> list[RuleResult]:
@@ -225,6 +255,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs are ordinary files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

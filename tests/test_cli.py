@@ -198,3 +198,36 @@ def test_help_is_fast_because_it_does_not_import_tensorflow():
     help_text = subprocess.run([sys.executable, "-m", "auditkit", "--help"], capture_output=True, text=True,
                                check=True).stdout
     assert "Exit codes" in help_text and "run" in help_text
+
+
+def test_run_with_hardening_reports_before_and_after(tmp_path, tiny_model, phantom_manifest):
+    policy = write_policy(tmp_path / "p.yaml", thresholds="""  - name: targeted success
+    metric: targeted_success_rate
+    split: test
+    norm: inf
+    max: 0.5""")
+    policy.write_text(policy.read_text() + """hardening:
+  enabled: true
+  rounds: 1
+  uaps_per_round: 1
+  epochs: 1
+  learning_rate: 0.001
+  attack: {kind: targeted, target: COVID-19, norm: inf, zeta: 0.2}
+""")
+    code, output = run_cli("run", "--model", tiny_model, "--policy", policy, "--data", phantom_manifest,
+                           "--out", tmp_path / "out", "--formats", "html,json,junit")
+    out = tmp_path / "out"
+    results = json.loads((out / "results.json").read_text())
+    h, after = results["hardening"], results["hardened"]
+    assert [r["round"] for r in h["rounds"]] == [0, 1] and h["metric"] == "targeted_success_rate"
+    assert h["parity"]["passed"] and h["parity"]["max_abs_prob_diff"] <= 1e-4
+    assert (out / "hardened.keras").is_file() and (out / "hardened.onnx").is_file()
+    assert (out / "hardening" / "state.json").is_file()
+    assert [c["key"] for c in after["cells"]] == [c["key"] for c in results["cells"]]
+    for c in after["cells"]:
+        assert (out / "after-hardening" / c["uap_file"]).is_file()
+    assert code == (0 if after["verdict"] == "PASS" else 1), output
+    html = (out / "report.html").read_text()
+    assert "Hardening by adversarial retraining" in html and "checked, PASS" in html
+    suites = ET.parse(out / "junit.xml").getroot().findall("testsuite")
+    assert len(suites) == 2 and suites[1].get("name").endswith("(hardened model)")
