@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import yaml
 
 from ..errors import AuditkitError
 from .adapters import configure_tensorflow
@@ -199,17 +200,29 @@ def train_model(model, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarr
     history: dict[str, list[float]] = {"loss": [], "accuracy": [], "val_loss": [], "val_accuracy": []}
     for epoch in range(1, epochs + 1):
         order = rng.permutation(len(x_train))
-        xb = _augment(x_train[order], rng, max_shift=max(1, x_train.shape[1] // 28)) if augment \
-            else x_train[order]
-        fit = model.fit(xb[..., None], y_train[order], batch_size=batch_size, epochs=1, shuffle=False, verbose=0)
-        val = model.evaluate(x_val[..., None], y_val, batch_size=64, verbose=0, return_dict=True)
-        logs = {"loss": float(fit.history["loss"][-1]), "accuracy": float(fit.history["accuracy"][-1]),
-                "val_loss": float(val["loss"]), "val_accuracy": float(val["accuracy"])}
+        xb, yb = x_train[order], y_train[order]
+        if augment:
+            xb = _augment(xb, rng, max_shift=max(1, x_train.shape[1] // 28))
+        train = _run_batches(model.train_on_batch, xb, yb, batch_size)
+        val = _run_batches(model.test_on_batch, x_val, y_val, 64)
+        logs = {"loss": train["loss"], "accuracy": train["accuracy"],
+                "val_loss": val["loss"], "val_accuracy": val["accuracy"]}
         for k, v in logs.items():
             history[k].append(v)
         if progress is not None:
             progress(epoch, logs)
     return history
+
+
+def _run_batches(step, x: np.ndarray, y: np.ndarray, batch_size: int) -> dict[str, float]:
+    """Apply a Keras *_on_batch step over all batches in order; the epoch's mean loss and accuracy."""
+    totals = {"loss": 0.0, "accuracy": 0.0}
+    for start in range(0, len(x), batch_size):
+        xb, yb = x[start: start + batch_size, ..., None], y[start: start + batch_size]
+        logs = step(xb, yb, return_dict=True)
+        for k in totals:
+            totals[k] += float(logs[k]) * len(yb)
+    return {k: v / len(x) for k, v in totals.items()}
 
 
 def weights_path(name: str) -> Path:
@@ -258,11 +271,11 @@ def load_zoo_model(name: str):
 def train_zoo_weights(name: str, *, epochs: int = 30, seed: int = 0, learning_rate: float = 2e-3,
                       batch_size: int = 32, manifest: Path | None = None, out_dir: Path | None = None,
                       progress: Callable[[int, dict], None] | None = None) -> dict:
-    """Train a zoo model on a phantom manifest (default: the built-in set) and write its weights and metadata.
+    """Train a zoo model on a manifest (default: the built-in phantom set) and write its weights and metadata.
 
     Uses the manifest's train split for training and its test split for the reported accuracy (no model
-    selection on it: fixed epochs). Writes <out_dir or auditkit/weights>/<name>.weights.h5 and <name>.json;
-    returns the metadata.
+    selection on it: fixed epochs). Writes <out_dir or auditkit/weights>/<name>.weights.h5 and <name>.json,
+    and with out_dir also <name>.keras + <name>.yaml (auditable with --model); returns the metadata.
     """
     from ..data import Preprocess, load_dataset
     from ..phantoms import DEFAULT_PARAMS, PHANTOM_GENERATOR, default_phantom_manifest
@@ -283,17 +296,23 @@ def train_zoo_weights(name: str, *, epochs: int = 30, seed: int = 0, learning_ra
     weights = out / f"{name}.weights.h5"
     model.save_weights(weights)
     counts = data.class_counts()
-    trained_on = (f"{PHANTOM_GENERATOR} synthetic phantoms (not patient data), "
-                  f"train {sum(counts['train'].values())} / test {sum(counts['test'].values())}")
+    sizes = f"train {sum(counts['train'].values())} / test {sum(counts['test'].values())}"
     if default_set:
-        trained_on += f", default set {json.dumps(DEFAULT_PARAMS, sort_keys=True)}"
+        trained_on = (f"{PHANTOM_GENERATOR} synthetic phantoms (not patient data), {sizes}, "
+                      f"default set {json.dumps(DEFAULT_PARAMS, sort_keys=True)}")
+    else:
+        trained_on = f"{manifest} (manifest sha256 {data.manifest_sha256[:16]}), {sizes}"
+    if out_dir is not None:  # a trained model others can audit directly: --model <out>/<name>.keras
+        model.save(out / f"{name}.keras")
+        (out / f"{name}.yaml").write_text(yaml.safe_dump({"classes": list(entry.classes), "channels": 1,
+                                                          "output": "softmax"}, sort_keys=False))
     info = {
         "name": name,
         "trained_on": trained_on,
         "recipe": (f"auditkit.models.zoo.train_zoo_weights: preprocess crop_top=1/6, bilinear resize to 224; "
-                   f"Adam lr {learning_rate:g} with cosine decay, batch {batch_size}, {epochs} epochs, seeded shuffling and "
-                   f"augmentation (shifts up to 8 px, brightness +-0.06, contrast x0.85-1.15); "
-                   f"fixed epochs, no selection on the test split"),
+                   f"Adam lr {learning_rate:g} with cosine decay, batch {batch_size}, {epochs} epochs, "
+                   f"seeded shuffling and augmentation (shifts up to 8 px, brightness +-0.06, "
+                   f"contrast x0.85-1.15); fixed epochs, no selection on the test split"),
         "epochs": epochs,
         "seed": seed,
         "test_accuracy": accuracy,
