@@ -17,7 +17,7 @@ from . import metrics as M
 from .attacks import Nontargeted, SGDUAPAttack, Targeted, UAPAttack, perturb, random_control, xi_for
 from .data import Dataset, Preprocess, load_dataset
 from .errors import AuditkitError
-from .models import ModelAdapter
+from .models import ModelAdapter, configure_tensorflow
 from .policy import Cell, Policy, Threshold, validate_against_classes
 from .results import (AuditResult, CellResult, ControlSummary, DataInfo, Example, ModelInfo, Provenance, RuleResult,
                       SplitEval)
@@ -111,16 +111,19 @@ def model_info(model: ModelAdapter) -> ModelInfo:
 
 
 def evaluate(split: Split, rho: np.ndarray | None, classes, *, model: ModelAdapter | None = None,
-             clip: bool = True, target: int | None = None, adv_pred: np.ndarray | None = None) -> SplitEval:
-    """Metrics of one split under perturbation `rho` (None: the clean baseline, from the clean predictions)."""
+             clip: bool = True, target: int | None = None, adv_pred: np.ndarray | None = None,
+             perceptibility: bool = True) -> SplitEval:
+    """Metrics of one split under perturbation `rho` (None: the clean baseline, from the clean predictions).
+
+    PSNR/SSIM are skipped with perceptibility=False (random controls: the report shows them for UAPs only)."""
     k = len(classes)
     if rho is None:
         pred, psnr, ssim = split.clean_pred, None, None
     else:
         adv = perturb(split.images, rho, clip)
         pred = model.predict(adv) if adv_pred is None else adv_pred
-        psnr = float(np.mean(M.psnr(split.images, adv)))
-        ssim = mean_ssim(model, split.images, adv)
+        psnr = float(np.mean(M.psnr(split.images, adv))) if perceptibility else None
+        ssim = mean_ssim(split.images, adv) if perceptibility else None
     conf = M.confusion_matrix(split.labels, pred, k)
     sens, ppv = M.sensitivity_ppv(conf)
     dom, share, flipped = M.dominant_label(split.clean_pred, pred, k)
@@ -133,9 +136,9 @@ def evaluate(split: Split, rho: np.ndarray | None, classes, *, model: ModelAdapt
         psnr=psnr, ssim=ssim)
 
 
-def mean_ssim(model, clean: np.ndarray, adv: np.ndarray) -> float:
+def mean_ssim(clean: np.ndarray, adv: np.ndarray) -> float:
     """Mean SSIM (tf.image.ssim, max_val 1) of attacked vs clean images."""
-    tf = model.tf
+    tf = configure_tensorflow()
     size = clean.shape[1]
     vals = [tf.image.ssim(clean[i:i + SSIM_BATCH, ..., None], adv[i:i + SSIM_BATCH, ..., None], max_val=1.0,
                           filter_size=min(11, size)).numpy() for i in range(0, len(clean), SSIM_BATCH)]
@@ -208,7 +211,8 @@ def _run_cell(policy: Policy, cell: Cell, model, craft: Split, splits: dict[str,
         progress.update(done)
         draws = []
         for r in controls_rho:
-            draws.append(evaluate(split, r, classes, model=model, clip=cell.clip, target=target))
+            draws.append(evaluate(split, r, classes, model=model, clip=cell.clip, target=target,
+                                  perceptibility=False))
             done += 1
             progress.update(done)
         if draws:

@@ -10,7 +10,7 @@ from .spec import ModelSpec, read_sidecar, sidecar_path
 
 ZOO_NAMES = ("covidnet_small", "covidnet_large")
 
-__all__ = ["ModelAdapter", "TFAdapter", "ModelSpec", "load_model", "keras_adapter", "ZOO_NAMES"]
+__all__ = ["ModelAdapter", "TFAdapter", "ModelSpec", "load_model", "keras_adapter", "configure_tensorflow", "ZOO_NAMES"]
 
 
 def load_model(ref: str | Path, spec_overrides: Mapping[str, Any] | None = None) -> ModelAdapter:
