@@ -14,7 +14,6 @@ import os
 import stat
 import tempfile
 import warnings
-import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +35,7 @@ _RESAMPLE = {
     "lanczos": Image.Resampling.LANCZOS,
     "area": Image.Resampling.BOX,
 }
-_CACHE_VERSION = 1  # bump when decoding or preprocessing changes what a cached array holds
+_CACHE_VERSION = 2  # bump when decoding or preprocessing changes what a cached array holds
 
 
 @dataclass(frozen=True)
@@ -222,7 +221,7 @@ def _one_line(e: BaseException) -> str:
 # --------------------------------------------------------------------------- manifests
 @dataclass
 class _Row:
-    file: Path  # where to read the image
+    file: str  # where to read the image
     id: str  # posix path relative to the dataset root
     raw_label: str
     split: str
@@ -280,26 +279,28 @@ def load_dataset(manifest: str | Path, classes: Sequence[str], *, aliases: Mappi
         labels[i] = resolve_label(r.raw_label, r.where)
         file_stats.append([r.id, *_stat_image(r)])
 
-    cache_file = None
-    images = None
+    cache_stem = cached = None
     if cache_dir is not False:
         key = hashlib.sha256(json.dumps({
             "version": _CACHE_VERSION, "pillow": PIL.__version__, "format": fmt, "manifest": table.sha256,
             "classes": list(classes), "aliases": sorted((aliases or {}).items()),
             "preprocess": preprocess.key(), "files": file_stats,
         }).encode()).hexdigest()
-        cache_file = (default_cache_dir() if cache_dir is None else Path(cache_dir)) / f"data-{key}.npz"
-        images = _read_cache(cache_file, (len(rows), preprocess.size, preprocess.size))
-    if images is None:
+        cache_stem = (default_cache_dir() if cache_dir is None else Path(cache_dir)) / f"data-{key}"
+        cached = _read_cache(cache_stem, (len(rows), preprocess.size, preprocess.size))
+    if cached is None:
         images = _decode_all(rows, preprocess, progress)
-        if cache_file is not None:
-            _write_cache(cache_file, images)
-    elif progress is not None:
-        progress(len(rows), len(rows))
+        content_sha = content_digest(images, labels)
+        if cache_stem is not None:
+            _write_cache(cache_stem, images, content_sha)
+    else:
+        images, content_sha = cached
+        if progress is not None:
+            progress(len(rows), len(rows))
 
     return Dataset(images=images, labels=labels, splits=np.array([r.split for r in rows], dtype=str),
                    ids=[r.id for r in rows], classes=classes, extra=table.extra, manifest_sha256=table.sha256,
-                   content_sha256=content_digest(images, labels), source=str(manifest))
+                   content_sha256=content_sha, source=str(manifest))
 
 
 def _check_classes(classes: Sequence[str]) -> tuple[str, ...]:
@@ -382,15 +383,15 @@ def _roots(root: Path) -> tuple[str, ...]:
     return tuple(dict.fromkeys((lexical, os.path.realpath(lexical))))
 
 
-def _inside(roots: tuple[str, ...], raw: str, where: str) -> tuple[Path, str]:
+def _inside(roots: tuple[str, ...], raw: str, where: str) -> tuple[str, str]:
     """Normalised file path under a root and its posix id; AuditkitError if it escapes (checked lexically)."""
     if not raw:
         raise AuditkitError("empty image path", where=where)
     path = os.path.normpath(raw if os.path.isabs(raw) else os.path.join(roots[0], raw))
     for base in roots:
         prefix = base if base.endswith(os.sep) else base + os.sep
-        if path.startswith(prefix):
-            return Path(path), Path(path[len(prefix):]).as_posix()
+        if path.startswith(prefix):  # strings: two Path() per row were a large share of a cache hit
+            return path, path[len(prefix):].replace(os.sep, "/")
     raise AuditkitError(f"image path {raw!r} is outside the dataset root {roots[0]}", where=where)
 
 
@@ -482,7 +483,7 @@ def _read_covidx(manifest: Path, image_root: str | Path | None) -> _Table:
                 filename, label, source = rest.rsplit(None, 2)
             file, rid = _inside(roots, filename, where)  # the name itself must stay under image_root
             in_split = _inside(roots, f"{split}/{filename}", where)
-            if in_split[0].is_file():
+            if os.path.isfile(in_split[0]):
                 file, rid = in_split
             rows.append(_Row(file, rid, label, split, where))
             patients.append(patient)
@@ -507,7 +508,7 @@ def _read_folders(root: Path) -> _Table:
         found = list(_class_folder_images(root))
     except OSError as e:
         raise AuditkitError(f"cannot list dataset folder: {e.strerror or e}", where=str(root)) from None
-    rows = [_Row(f, f.relative_to(root).as_posix(), label, split, str(f)) for split, label, f in found]
+    rows = [_Row(str(f), f.relative_to(root).as_posix(), label, split, str(f)) for split, label, f in found]
     listing = "\n".join(r.id for r in rows).encode()
     return _Table(rows, {}, hashlib.sha256(listing).hexdigest())
 
@@ -533,27 +534,39 @@ def _decode_all(rows: list[_Row], pre: Preprocess, progress: Callable[[int, int]
     return out
 
 
-def _read_cache(file: Path, shape: tuple[int, int, int]) -> np.ndarray | None:
-    """The cached images, or None when absent, unreadable or not the expected shape (then rebuilt)."""
+def _read_cache(stem: Path, shape: tuple[int, int, int]) -> tuple[np.ndarray, str] | None:
+    """(images, content sha256) from <stem>.npy and <stem>.json, or None when absent, unreadable or not the
+    expected shape (then rebuilt). The sha is stored, not recomputed: the entry is keyed by everything it hashes."""
     try:
-        with np.load(file, allow_pickle=False) as z:
-            images = z["images"]
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        meta = json.loads(stem.with_suffix(".json").read_bytes())
+        if not (isinstance(meta, dict) and isinstance(meta.get("content_sha256"), str)
+                and meta.get("shape") == list(shape)):
+            return None
+        with open(stem.with_suffix(".npy"), "rb") as f:  # one read into the array: no zip, no CRC pass
+            images = np.lib.format.read_array(f, allow_pickle=False)
+    except (OSError, ValueError):  # JSONDecodeError, a bad .npy header and a short read are ValueErrors
         return None
-    return images if images.dtype == np.uint8 and images.shape == shape else None
+    return (images, meta["content_sha256"]) if images.dtype == np.uint8 and images.shape == shape else None
 
 
-def _write_cache(file: Path, images: np.ndarray) -> None:
-    """Atomic write (temp file, then os.replace); a cache that cannot be written only warns."""
+def _write_cache(stem: Path, images: np.ndarray, content_sha: str) -> None:
+    """Uncompressed .npy, then the .json that names its sha; each written atomically (temp file, os.replace).
+    A cache that cannot be written only warns."""
+    meta = json.dumps({"content_sha256": content_sha, "shape": list(images.shape)}).encode()
     try:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=file.stem + ".", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, images=images)
-            os.replace(tmp, file)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(stem.with_suffix(".npy"), lambda f: np.save(f, images, allow_pickle=False))
+        _write_atomic(stem.with_suffix(".json"), lambda f: f.write(meta))
     except OSError as e:
-        warnings.warn(f"could not write dataset cache {file}: {_one_line(e)}", stacklevel=3)
+        warnings.warn(f"could not write dataset cache {stem}: {_one_line(e)}", stacklevel=3)
+
+
+def _write_atomic(file: Path, write: Callable) -> None:
+    fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=file.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, file)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

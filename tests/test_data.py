@@ -265,7 +265,7 @@ def test_subset_take_floats(tmp_path):
 def test_cache_hit_does_not_decode(tmp_path, monkeypatch):
     m, cache = _small_csv(tmp_path), tmp_path / "cache"
     first = load_dataset(m, CLASSES, aliases={"COVID-19": "covid"}, preprocess=SMALL, cache_dir=cache)
-    assert len(list(cache.glob("*.npz"))) == 1 and not list(cache.glob("*.tmp"))
+    assert len(list(cache.glob("*.npy"))) == len(list(cache.glob("*.json"))) == 1 and not list(cache.glob("*.tmp"))
 
     def boom(path):
         raise AssertionError("decoded on a cache hit")
@@ -294,21 +294,104 @@ def test_cache_invalidates_when_an_image_changes(tmp_path, monkeypatch):
     second = load_dataset(m, CLASSES, **kw)
     assert len(decoded) == 4 and int(np.median(second.images[1])) == 200
     assert second.content_sha256 != first.content_sha256 and second.manifest_sha256 == first.manifest_sha256
-    assert len(list(cache.glob("*.npz"))) == 2
+    assert len(list(cache.glob("*.npy"))) == 2
 
 
-def test_corrupt_cache_is_rebuilt_and_cache_can_be_disabled(tmp_path, monkeypatch):
+def _counting_decoder(monkeypatch) -> list:
+    decoded, real = [], data.decode_image
+    monkeypatch.setattr(data, "decode_image", lambda p: decoded.append(p) or real(p))
+    return decoded
+
+
+def _touch(path: Path, grow: bool) -> None:
+    """A later mtime with the same bytes, or one more byte with the same mtime (PNG ignores trailing bytes)."""
+    st = path.stat()
+    if grow:
+        with open(path, "ab") as f:
+            f.write(b"\0")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + (0 if grow else 10**9)))
+
+
+CACHE_KEY_CHANGES = {
+    "manifest": lambda root, mp: dict(manifest=_csv(root, [
+        "img/0.png,normal,train,a", "img/1.png,pneumonia,train,b",  # only the extra column differs
+        "img/2.png,COVID-19,test,a", "img/3.png,NORMAL,test,z"], header="path,label,split,source")),
+    "image_mtime": lambda root, mp: _touch(root / "img" / "2.png", grow=False),
+    "image_size": lambda root, mp: _touch(root / "img" / "2.png", grow=True),
+    "classes": lambda root, mp: dict(classes=(*CLASSES, "other")),
+    "aliases": lambda root, mp: dict(aliases={"COVID-19": "covid", "unused": "normal"}),
+    "preprocess_crop": lambda root, mp: dict(preprocess=Preprocess(size=16, crop_top=0.25)),
+    "preprocess_resize": lambda root, mp: dict(preprocess=Preprocess(size=16, resize="area")),
+    "cache_version": lambda root, mp: mp.setattr(data, "_CACHE_VERSION", data._CACHE_VERSION + 1),
+    "pillow_version": lambda root, mp: mp.setattr(data.PIL, "__version__", "0.0"),
+}
+
+
+@pytest.mark.parametrize("change", list(CACHE_KEY_CHANGES))
+def test_cache_invalidates_on_each_key_change(tmp_path, monkeypatch, change):
+    kw = dict(manifest=_small_csv(tmp_path), classes=CLASSES, aliases={"COVID-19": "covid"}, preprocess=SMALL,
+              cache_dir=tmp_path / "cache")
+    first = load_dataset(**kw)
+    decoded = _counting_decoder(monkeypatch)
+    load_dataset(**kw)
+    assert decoded == []  # control: nothing changed, a hit
+    kw.update(CACHE_KEY_CHANGES[change](tmp_path, monkeypatch) or {})
+    second = load_dataset(**kw)
+    assert len(decoded) == 4 and second.ids == first.ids
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 2
+    load_dataset(**kw)
+    assert len(decoded) == 4  # the new entry is a hit
+
+
+def test_cache_invalidates_when_the_format_changes(tmp_path, monkeypatch):
+    """The same files, ids, labels and splits read as COVIDx and as class folders are two cache entries."""
+    _png(tmp_path / "train" / "normal" / "a.png", 1)
+    (tmp_path / "train.txt").write_text("p1 normal/a.png normal src\n")
+    as_covidx = load_dataset(tmp_path, CLASSES, preprocess=SMALL, cache_dir=tmp_path / "cache")
+    decoded = _counting_decoder(monkeypatch)
+    as_folders = load_dataset(tmp_path, CLASSES, preprocess=SMALL, fmt="folders", cache_dir=tmp_path / "cache")
+    assert len(decoded) == 1 and as_folders.ids == as_covidx.ids == ["train/normal/a.png"]
+
+
+CACHE_CORRUPTIONS = {
+    "npy_garbage": lambda npy, meta: npy.write_bytes(b"not an array"),
+    "npy_truncated": lambda npy, meta: npy.write_bytes(npy.read_bytes()[:-7]),
+    "npy_wrong_shape": lambda npy, meta: np.save(npy, np.zeros((4, 8, 8), np.uint8)),
+    "npy_wrong_dtype": lambda npy, meta: np.save(npy, np.zeros((4, 16, 16), np.int16)),
+    "npy_pickled_object": lambda npy, meta: np.save(npy, np.array([{"x": 1}], dtype=object), allow_pickle=True),
+    "npy_missing": lambda npy, meta: npy.unlink(),
+    "json_garbage": lambda npy, meta: meta.write_bytes(b"{not json"),
+    "json_not_an_object": lambda npy, meta: meta.write_text("[]"),
+    "json_without_sha": lambda npy, meta: meta.write_text(json.dumps({"shape": [4, 16, 16]})),
+    "json_missing": lambda npy, meta: meta.unlink(),
+}
+
+
+@pytest.mark.parametrize("corruption", list(CACHE_CORRUPTIONS))
+def test_corrupt_cache_is_rebuilt(tmp_path, monkeypatch, corruption):
+    kw = dict(aliases={"COVID-19": "covid"}, preprocess=SMALL, cache_dir=tmp_path / "cache")
+    m = _small_csv(tmp_path)
+    first = load_dataset(m, CLASSES, **kw)
+    (npy,), (meta,) = (tmp_path / "cache").glob("*.npy"), (tmp_path / "cache").glob("*.json")
+    assert meta.stem == npy.stem and json.loads(meta.read_text())["content_sha256"] == first.content_sha256
+    CACHE_CORRUPTIONS[corruption](npy, meta)
+    decoded = _counting_decoder(monkeypatch)
+    again = load_dataset(m, CLASSES, **kw)
+    assert len(decoded) == 4 and again.content_sha256 == first.content_sha256
+    assert (again.images == first.images).all()
+    assert np.load(npy, allow_pickle=False).shape == (4, 16, 16)  # repaired in place
+    assert load_dataset(m, CLASSES, **kw).content_sha256 == first.content_sha256 and len(decoded) == 4
+
+
+def test_default_cache_dir_and_cache_can_be_disabled(tmp_path, monkeypatch):
     monkeypatch.setenv("AUDITKIT_CACHE", str(tmp_path / "envcache"))
     assert data.default_cache_dir() == tmp_path / "envcache"
     m = _small_csv(tmp_path)
     load_dataset(m, CLASSES, aliases={"COVID-19": "covid"}, preprocess=SMALL, cache_dir=False)
     assert not (tmp_path / "envcache").exists()
     first = load_dataset(m, CLASSES, aliases={"COVID-19": "covid"}, preprocess=SMALL)  # None -> default dir
-    (npz,) = (tmp_path / "envcache").glob("*.npz")
-    npz.write_bytes(b"not a zip")
-    again = load_dataset(m, CLASSES, aliases={"COVID-19": "covid"}, preprocess=SMALL)
-    assert again.content_sha256 == first.content_sha256
-    assert np.load(npz, allow_pickle=False)["images"].shape == (4, 16, 16)
+    (npy,) = (tmp_path / "envcache").glob("*.npy")
+    assert (np.load(npy, allow_pickle=False) == first.images).all()
 
 
 def test_progress_reports_every_image(tmp_path):
