@@ -21,9 +21,15 @@ __all__ = ["harden_model", "load_policy_data", "run", "rerender", "load_model", 
 
 def run(model: str | Path | ModelAdapter, policy: str | Path | Policy, out_dir: str | Path, *,
         data: str | Path | None = None, formats: Sequence[str] | None = None, seed: int | None = None,
-        spec_overrides: Mapping[str, Any] | None = None, harden: bool | None = None, command: str = "",
+        spec_overrides: Mapping[str, Any] | None = None, harden: bool | None = None,
+        surrogate: str | Path | None = None, deploy: str | Path | None = None, transfer: Sequence[str | Path] = (),
+        command: str = "",
         progress: Progress | None = None, log: Callable[[str], None] = lambda _msg: None) -> AuditResult:
     """Audit `model` under `policy` and write results, UAPs and reports into `out_dir`.
+
+    `surrogate` crafts the UAPs on another (white-box) model; `deploy` is the file actually shipped (e.g. the
+    ONNX export), evaluated under every UAP with a parity check; `transfer` models (plus the policy's
+    `transfer:` list) are evaluated under every UAP for a transferability matrix.
 
     With hardening (the policy's `hardening.enabled`, or `harden=True`) the model is then retrained against
     UAPs and the whole policy is re-run on the hardened model (`result.hardened`). Everything but the
@@ -36,7 +42,10 @@ def run(model: str | Path | ModelAdapter, policy: str | Path | Policy, out_dir: 
     if seed is not None:
         policy = policy.model_copy(update={"seed": seed})
     adapter = model if isinstance(model, ModelAdapter) else load_model(model, spec_overrides)
-    adapter.require_gradients()
+    surrogate_model = load_model(surrogate) if surrogate is not None else None
+    (surrogate_model or adapter).require_gradients()
+    deploy_model = load_model(deploy) if deploy is not None else None
+    transfer_models = [load_model(t) for t in [*policy.transfer, *transfer]]
     size = policy.data.preprocess.size or adapter.spec.input_size
     dataset, fmt, synthetic = load_policy_data(policy, size, data, progress)
     formats = list(formats or policy.report.formats)
@@ -45,7 +54,8 @@ def run(model: str | Path | ModelAdapter, policy: str | Path | Policy, out_dir: 
     try:
         audit_args = dict(synthetic=synthetic, data_format=fmt, command=command, policy_path=policy_path,
                           progress=progress, log=log)
-        result = run_audit(policy, adapter, dataset, out_dir=work, **audit_args)
+        result = run_audit(policy, adapter, dataset, out_dir=work, surrogate=surrogate_model, deploy=deploy_model,
+                           transfer=transfer_models, **audit_args)
         if policy.hardening.enabled if harden is None else harden:
             hardened, result.hardening = harden_model(policy, adapter, dataset, work, progress=progress, log=log,
                                                       checkpoint_dir=out_dir / "hardening")

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
@@ -19,10 +19,11 @@ from .data import Dataset, Preprocess, load_dataset
 from .errors import AuditkitError
 from .models import ModelAdapter, configure_tensorflow
 from .policy import Cell, Policy, Threshold, validate_against_classes
-from .results import (AuditResult, CellResult, ControlSummary, DataInfo, Example, ModelInfo, Provenance, RuleResult,
-                      SplitEval)
+from .results import (AuditResult, CellResult, ControlSummary, DataInfo, DeployParity, Example, ModelInfo,
+                      Provenance, RuleResult, SplitEval, TransferEval)
 
 SSIM_BATCH = 64
+DEPLOY_TOLERANCE = 1e-4  # max |Δprob| between the audited model and its deployed twin
 
 
 class Progress(Protocol):
@@ -78,20 +79,36 @@ def load_policy_data(policy: Policy, size: int, manifest: str | Path | None = No
 
 def run_audit(policy: Policy, model: ModelAdapter, dataset: Dataset, *, synthetic: bool, data_format: str,
               out_dir: Path, command: str = "", policy_path: str = "", progress: Progress | None = None,
-              log: Callable[[str], None] = lambda _msg: None) -> AuditResult:
-    """Craft and evaluate every cell of the policy; write UAPs and example images under `out_dir`."""
+              log: Callable[[str], None] = lambda _msg: None, surrogate: ModelAdapter | None = None,
+              deploy: ModelAdapter | None = None, transfer: Sequence[ModelAdapter] = ()) -> AuditResult:
+    """Craft and evaluate every cell of the policy; write UAPs and example images under `out_dir`.
+
+    `surrogate` crafts the UAPs instead of `model` (transfer attack on a model without usable gradients);
+    `deploy` (the file a team ships, e.g. ONNX) and `transfer` models are evaluated under every UAP too.
+    """
     progress = progress or SilentProgress()
     started, t0 = datetime.now(timezone.utc), time.perf_counter()
     classes = _check_classes(model, dataset)
+    for other in (surrogate, deploy, *transfer):
+        if other is not None:
+            _check_compatible(model, other)
+    crafter = surrogate or model
     validate_against_classes(policy, classes)
-    model.require_gradients()
+    crafter.require_gradients()
     splits = prepare_splits(policy, model, dataset, progress)
     craft = splits[policy.data.craft_split]
+    if surrogate is not None:  # the loop's clean predictions C(x) are the crafting model's
+        craft = Split(craft.name, craft.images, craft.labels, craft.ids, surrogate.predict(craft.images))
     clean = {name: evaluate(splits[name], None, classes) for name in policy.data.eval_splits}
+    others = {m.name: m for m in ([deploy] if deploy else []) + list(transfer)}
+    other_clean = {name: {s: m.predict(splits[s].images) for s in policy.data.eval_splits}
+                   for name, m in others.items()}
 
     cells = []
     for cell in policy.cells(classes):
-        cells.append(_run_cell(policy, cell, model, craft, splits, classes, out_dir, progress))
+        cells.append(_run_cell(policy, cell, model, crafter, craft, splits, classes, out_dir, progress))
+        cells[-1].transfer = {name: _transfer_evals(cells[-1], m, model, splits, other_clean[name], policy, classes,
+                                                    out_dir) for name, m in others.items()}
         log(f"{cell.key}: " + ", ".join(f"{s} {cells[-1].headline(s).value:.1%}" for s in policy.data.eval_splits))
     rules = [_apply_rule(i, t, policy, cells, clean) for i, t in enumerate(policy.thresholds)]
     finished = datetime.now(timezone.utc)
@@ -101,7 +118,50 @@ def run_audit(policy: Policy, model: ModelAdapter, dataset: Dataset, *, syntheti
         model=model_info(model), data=_data_info(policy, dataset, data_format, synthetic),
         clean=clean, cells=cells, rules=rules,
         provenance=_provenance(policy, policy_path, command, started, finished, time.perf_counter() - t0),
+        crafted_on=model_info(surrogate) if surrogate else None,
+        deploy=_deploy_parity(model, deploy, splits, policy) if deploy else None,
+        transfer_models=[model_info(m) for m in others.values()],
     )
+
+
+def _check_compatible(model: ModelAdapter, other: ModelAdapter) -> None:
+    if tuple(other.classes) != tuple(model.classes) or other.spec.input_size != model.spec.input_size:
+        raise AuditkitError(
+            f"takes {other.spec.input_size}x{other.spec.input_size} images with classes {list(other.classes)}; "
+            f"the audited model takes {model.spec.input_size}x{model.spec.input_size} with {list(model.classes)}",
+            other.name)
+
+
+def _transfer_evals(cell: CellResult, other: ModelAdapter, model: ModelAdapter, splits: dict[str, Split],
+                    other_clean: dict[str, np.ndarray], policy: Policy, classes, out_dir: Path) -> dict[str, TransferEval]:
+    """The UAP of `cell` evaluated on another model: its headline rate, and agreement with the audited model."""
+    rho = np.load(out_dir / cell.uap_file, allow_pickle=False)
+    target = None if cell.target is None else classes.index(cell.target)
+    out = {}
+    for name in policy.data.eval_splits:
+        split = splits[name]
+        adv = perturb(split.images, rho, cell.clip)
+        p_other, p_model = other.predict_proba(adv), model.predict_proba(adv)
+        pred = p_other.argmax(1)
+        out[name] = TransferEval(
+            headline=M.targeted_success_rate(pred, target) if target is not None else M.fooling_rate(split.labels, pred),
+            flip_rate=M.flip_rate(other_clean[name], pred),
+            argmax_agreement=float(np.mean(pred == p_model.argmax(1))),
+            max_abs_prob_diff=float(np.abs(p_other - p_model).max()))
+    return out
+
+
+def _deploy_parity(model: ModelAdapter, deploy: ModelAdapter, splits: dict[str, Split], policy: Policy) -> DeployParity:
+    """Clean agreement of the audited model and the deployed file on every evaluated split."""
+    diffs, agree, n = [], [], 0
+    for name in policy.data.eval_splits:
+        a, b = model.predict_proba(splits[name].images), deploy.predict_proba(splits[name].images)
+        diffs.append(float(np.abs(a - b).max()))
+        agree.append(int(np.sum(a.argmax(1) == b.argmax(1))))
+        n += len(a)
+    max_diff, agreement = max(diffs), sum(agree) / n
+    return DeployParity(model=model_info(deploy), n=n, max_abs_prob_diff=max_diff, argmax_agreement=agreement,
+                        tolerance=DEPLOY_TOLERANCE, passed=max_diff <= DEPLOY_TOLERANCE and agreement == 1.0)
 
 
 def model_info(model: ModelAdapter) -> ModelInfo:
@@ -171,8 +231,8 @@ def prepare_splits(policy: Policy, model: ModelAdapter, dataset: Dataset, progre
     return out
 
 
-def _run_cell(policy: Policy, cell: Cell, model, craft: Split, splits: dict[str, Split], classes, out_dir: Path,
-              progress: Progress) -> CellResult:
+def _run_cell(policy: Policy, cell: Cell, model, crafter, craft: Split, splits: dict[str, Split], classes,
+              out_dir: Path, progress: Progress) -> CellResult:
     rng = cell_rng(policy.seed, cell.key)
     xi, mean_norm = xi_for(craft.images, cell.norm, cell.zeta)
     target = None if cell.target is None else classes.index(cell.target)
@@ -196,7 +256,7 @@ def _run_cell(policy: Policy, cell: Cell, model, craft: Split, splits: dict[str,
     else:
         attack = UAPAttack(norm=cell.norm, xi=xi, eps=cell.eps, max_iter=cell.max_iter, delta=cell.delta,
                            clip=cell.clip, progress=on_progress)
-    crafted = attack.craft(model, craft.images, criterion, rng, clean_pred=craft.clean_pred)
+    crafted = attack.craft(crafter, craft.images, criterion, rng, clean_pred=craft.clean_pred)
     rho = crafted.rho
     uap_file = f"uaps/{cell.key}.npy"
     _save_npy(out_dir / uap_file, rho)

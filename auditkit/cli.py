@@ -138,6 +138,12 @@ def run(
     seed: Optional[int] = typer.Option(None, "--seed", help="Override the policy's seed."),
     harden: Optional[bool] = typer.Option(None, "--harden/--no-harden", help="Run the policy's hardening block "
                                           "(default: as the policy's hardening.enabled says)."),
+    surrogate: Optional[str] = typer.Option(None, "--surrogate", help="Craft the UAPs on this white-box model and "
+                                            "evaluate them on --model (a transfer attack)."),
+    deploy: Optional[str] = typer.Option(None, "--deploy", help="The deployed file (e.g. model.onnx): every UAP is "
+                                         "also evaluated on it, with a parity check against --model."),
+    transfer: Optional[list[str]] = typer.Option(None, "--transfer", help="Another model to evaluate every UAP "
+                                                 "on (repeatable): a transferability matrix."),
     model_spec: Optional[Path] = SPEC_OPTS["model_spec"], classes: Optional[str] = SPEC_OPTS["classes"],
     input_size: Optional[int] = SPEC_OPTS["input_size"], channels: Optional[int] = SPEC_OPTS["channels"],
     scale: Optional[float] = SPEC_OPTS["scale"], output: Optional[str] = SPEC_OPTS["output"],
@@ -153,7 +159,8 @@ def run(
     command = "auditkit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     with RichProgress() as progress:
         result = api.run(model, policy, out_dir, data=data, formats=fmts, seed=seed, spec_overrides=overrides,
-                         harden=harden, command=command, progress=progress, log=_log)
+                         harden=harden, surrogate=surrogate, deploy=deploy, transfer=transfer or (),
+                         command=command, progress=progress, log=_log)
     _print_summary(result, out_dir)
     if result.hardened is not None:
         out.print("after hardening:")

@@ -29,6 +29,7 @@ from pydantic import (
 )
 
 from auditkit.errors import AuditkitError
+from auditkit.models import ZOO_NAMES
 
 DEFAULT_CLASSES = ("normal", "pneumonia", "COVID-19")
 Kind = Literal["nontargeted", "targeted"]
@@ -312,6 +313,7 @@ class Policy(_Model):
     random_controls: RandomControls = Field(default_factory=RandomControls)
     thresholds: list[Threshold] = []
     hardening: Hardening = Field(default_factory=Hardening)
+    transfer: list[Name] = []  # other models (zoo names or paths) every UAP is also evaluated on
     report: ReportConfig = Field(default_factory=ReportConfig)
     _source: str = PrivateAttr("<policy>")
 
@@ -400,6 +402,7 @@ def load_policy(path: str | Path) -> Policy:
     resolved = {key: str(base / Path(value).expanduser()) for key in ("manifest", "image_root")
                 if (value := getattr(policy.data, key)) is not None}
     policy.data = policy.data.model_copy(update=resolved)
+    policy.transfer = [t if t in ZOO_NAMES else str(base / Path(t).expanduser()) for t in policy.transfer]
     return policy
 
 

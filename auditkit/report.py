@@ -238,6 +238,17 @@ def _hardening_view(result: AuditResult) -> dict[str, Any] | None:
     }
 
 
+def _transfer_view(result: AuditResult, cells: list[CellResult]) -> dict[str, Any] | None:
+    """Transferability matrix on the held-out split: UAP (rows) x model (columns), audited model first."""
+    if not result.transfer_models:
+        return None
+    split = next((s for s in _splits(result) if s != result.data.craft_split), _splits(result)[-1])
+    names = [m.name for m in result.transfer_models]
+    rows = [{"key": c.key, "audited": c.headline(split),
+             "others": [c.transfer.get(n, {}).get(split) for n in names]} for c in cells]
+    return {"split": split, "models": result.transfer_models, "rows": rows}
+
+
 def uap_figure(cell: CellResult, uap: np.ndarray) -> str:
     """The UAP stretched to the full grey range (min -> black, max -> white); the colour bar gives real values."""
     lo, hi = float(uap.min()), float(uap.max())
@@ -391,6 +402,7 @@ def render_html(result: AuditResult, run_dir: Path) -> str:
         figures=[_cell_figures(c, result, run_dir, splits) for c in cells],
         policy_json=json.dumps(result.provenance.policy, indent=2, sort_keys=False, default=str),
         hardening=_hardening_view(result),
+        transfer=_transfer_view(result, cells),
     )
 
 

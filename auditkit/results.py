@@ -64,6 +64,16 @@ class Example:
 
 
 @dataclass
+class TransferEval:
+    """A UAP evaluated on another model (deployed twin or transfer target), on one split."""
+
+    headline: Rate  # R_f (nontargeted) or R_s (targeted) on that model
+    flip_rate: Rate  # vs that model's own clean predictions
+    argmax_agreement: float  # share of images where it predicts what the audited model predicts under the UAP
+    max_abs_prob_diff: float
+
+
+@dataclass
 class CellResult:
     """One UAP of the attack grid: settings, crafting record and evaluation."""
 
@@ -92,6 +102,7 @@ class CellResult:
     examples: list[Example] = field(default_factory=list)
     algorithm_settings: dict[str, Any] = field(default_factory=dict)  # sgd: batch_size, step_size, loss_cap
     gradient_steps: int = 0  # per-image (paper) or mini-batch (sgd) gradient steps
+    transfer: dict[str, dict[str, TransferEval]] = field(default_factory=dict)  # model name -> split -> eval
 
     def headline(self, split: str) -> Rate:
         """R_f for nontargeted cells, R_s for targeted ones."""
@@ -192,6 +203,18 @@ class HardeningRecord:
 
 
 @dataclass
+class DeployParity:
+    """The audited model against the file that is deployed (e.g. its ONNX export), on clean images."""
+
+    model: ModelInfo
+    n: int
+    max_abs_prob_diff: float
+    argmax_agreement: float
+    tolerance: float
+    passed: bool
+
+
+@dataclass
 class AuditResult:
     title: str
     organisation: str
@@ -206,6 +229,9 @@ class AuditResult:
     schema_version: str = SCHEMA_VERSION
     hardening: HardeningRecord | None = None  # adversarial retraining, when the policy enables it
     hardened: AuditResult | None = None  # the same policy re-run on the hardened model
+    crafted_on: ModelInfo | None = None  # the surrogate the UAPs were crafted on (None: the audited model)
+    deploy: DeployParity | None = None
+    transfer_models: list[ModelInfo] = field(default_factory=list)  # deploy + transfer targets, in cell.transfer
 
     @property
     def failed_rules(self) -> list[RuleResult]:

@@ -166,10 +166,12 @@ def test_bad_manifest_row_exits_2_naming_file_and_row_and_writes_nothing(tmp_pat
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
 
 
-def test_missing_model_and_onnx_crafting_exit_2(tmp_path, tiny_model, phantom_manifest):
+def test_onnx_model_is_audited_and_an_undifferentiable_one_exits_2(tmp_path, tiny_model, phantom_manifest):
     import keras
     import tensorflow as tf
     import tf2onnx
+
+    from test_onnx_grad import handmade_onnx
 
     policy = write_policy(tmp_path / "p.yaml")
     code, output = run_cli("run", "--model", tmp_path / "nope.keras", "--policy", policy, "--out", tmp_path / "o")
@@ -179,9 +181,16 @@ def test_missing_model_and_onnx_crafting_exit_2(tmp_path, tiny_model, phantom_ma
     tf2onnx.convert.from_keras(model, input_signature=sig, opset=17, output_path=str(tmp_path / "tiny.onnx"))
     (tmp_path / "tiny.yaml").write_text("classes: [normal, pneumonia, COVID-19]\n")
     code, output = run_cli("run", "--model", tmp_path / "tiny.onnx", "--policy", policy, "--data", phantom_manifest,
-                           "--out", tmp_path / "o")
-    assert code == 2 and "cannot be attacked white-box yet" in output
-    assert not (tmp_path / "o").exists()
+                           "--out", tmp_path / "o", "--formats", "json")
+    assert code == 0, output
+    results = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert results["model"]["format"] == "onnx" and len(results["cells"]) == 4
+    gelu = handmade_onnx(tmp_path / "gelu.onnx", "Gelu", "com.microsoft")
+    (tmp_path / "gelu.yaml").write_text("classes: [normal, pneumonia, COVID-19]\n")
+    code, output = run_cli("run", "--model", gelu, "--policy", policy, "--data", phantom_manifest,
+                           "--out", tmp_path / "g")
+    assert code == 2 and "com.microsoft:Gelu" in output and "--surrogate" in output
+    assert not (tmp_path / "g").exists()
 
 
 def test_policy_check_and_inspect(tiny_model):
@@ -231,3 +240,35 @@ def test_run_with_hardening_reports_before_and_after(tmp_path, tiny_model, phant
     assert "Hardening by adversarial retraining" in html and "checked, PASS" in html
     suites = ET.parse(out / "junit.xml").getroot().findall("testsuite")
     assert len(suites) == 2 and suites[1].get("name").endswith("(hardened model)")
+
+
+def test_deploy_parity_surrogate_and_transfer_matrix(tmp_path, tiny_model, phantom_manifest):
+    import keras
+    import tensorflow as tf
+    import tf2onnx
+
+    model = keras.saving.load_model(tiny_model, safe_mode=True)
+    sig = (tf.TensorSpec((None, 32, 32, 1), tf.float32, name="image"),)
+    tf2onnx.convert.from_keras(model, input_signature=sig, opset=17, output_path=str(tmp_path / "tiny.onnx"))
+    (tmp_path / "tiny.yaml").write_text("classes: [normal, pneumonia, COVID-19]\n")
+    policy = write_policy(tmp_path / "p.yaml")
+    code, output = run_cli("run", "--model", tiny_model, "--deploy", tmp_path / "tiny.onnx", "--transfer",
+                           tmp_path / "tiny.onnx", "--policy", policy, "--data", phantom_manifest,
+                           "--out", tmp_path / "out", "--formats", "html,json")
+    assert code == 0, output
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    dp = results["deploy"]
+    assert dp["passed"] and dp["max_abs_prob_diff"] <= 1e-4 and dp["argmax_agreement"] == 1.0
+    for cell in results["cells"]:
+        ev = cell["transfer"]["tiny"]["test"]
+        own = cell["evals"]["test"]["targeted_success_rate" if cell["kind"] == "targeted" else "fooling_rate"]
+        assert ev["headline"]["value"] == own["value"] and ev["argmax_agreement"] == 1.0
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "Deployment parity" in html and "transferability" in html
+    code, output = run_cli("run", "--model", tmp_path / "tiny.onnx", "--surrogate", tiny_model, "--policy", policy,
+                           "--data", phantom_manifest, "--out", tmp_path / "sur", "--formats", "json")
+    assert code == 0, output
+    sur = json.loads((tmp_path / "sur" / "results.json").read_text())
+    assert sur["crafted_on"]["format"] == "keras" and sur["model"]["format"] == "onnx"
+    for a, b in zip(sur["cells"], results["cells"]):  # same crafting model and seed: the same UAPs
+        assert np.allclose(np.load(tmp_path / "sur" / a["uap_file"]), np.load(tmp_path / "out" / b["uap_file"]))
