@@ -43,7 +43,8 @@ def run(model: str | Path | ModelAdapter, policy: str | Path | Policy, out_dir: 
         policy = policy.model_copy(update={"seed": seed})
     adapter = model if isinstance(model, ModelAdapter) else load_model(model, spec_overrides)
     surrogate_model = load_model(surrogate) if surrogate is not None else None
-    (surrogate_model or adapter).require_gradients()
+    if any(g.algorithm != "blackbox" for g in policy.attacks):
+        (surrogate_model or adapter).require_gradients()
     deploy_model = load_model(deploy) if deploy is not None else None
     transfer_models = [load_model(t) for t in [*policy.transfer, *transfer]]
     size = policy.data.preprocess.size or adapter.spec.input_size

@@ -94,7 +94,8 @@ def run_audit(policy: Policy, model: ModelAdapter, dataset: Dataset, *, syntheti
             _check_compatible(model, other)
     crafter = surrogate or model
     validate_against_classes(policy, classes)
-    crafter.require_gradients()
+    if any(g.algorithm != "blackbox" for g in policy.attacks):
+        crafter.require_gradients()
     splits = prepare_splits(policy, model, dataset, progress)
     craft = splits[policy.data.craft_split]
     if surrogate is not None:  # the loop's clean predictions C(x) are the crafting model's
@@ -249,7 +250,14 @@ def _run_cell(policy: Policy, cell: Cell, model, crafter, craft: Split, splits: 
             progress.update(total, f"{cell.key} pass {pass_no}/{cell.max_iter}: {name} {rate:.1%}")
             progress.done()
 
-    if cell.algorithm == "sgd":
+    if cell.algorithm == "blackbox":
+        from .blackbox import BlackBoxUAPAttack
+
+        b = cell.blackbox
+        attack = BlackBoxUAPAttack(norm=cell.norm, xi=xi, epochs=cell.max_iter, batch_size=b.batch_size,
+                                   samples=b.samples, sigma=b.sigma, step_size=b.step_size, low_res=b.low_res,
+                                   estimator=b.estimator, clip=cell.clip, delta=cell.delta, progress=on_progress)
+    elif cell.algorithm == "sgd":
         attack = SGDUAPAttack(norm=cell.norm, xi=xi, epochs=cell.max_iter, batch_size=cell.sgd.batch_size,
                               step_size=cell.sgd.step_size, loss_cap=cell.sgd.loss_cap, delta=cell.delta,
                               clip=cell.clip, progress=on_progress)
@@ -281,7 +289,8 @@ def _run_cell(policy: Policy, cell: Cell, model, crafter, craft: Split, splits: 
     return CellResult(
         key=cell.key, kind=cell.kind, target=cell.target, norm=cell.norm, zeta=cell.zeta, xi=xi,
         mean_image_norm=mean_norm, eps=cell.eps, max_iter=cell.max_iter, delta=cell.delta, clip=cell.clip,
-        algorithm=cell.algorithm, algorithm_settings=cell.sgd.model_dump() if cell.sgd else {},
+        algorithm=cell.algorithm, algorithm_settings=(cell.sgd or cell.blackbox).model_dump()
+        if cell.sgd or cell.blackbox else {}, queries=getattr(crafted, "queries", None),
         seed=policy.seed, uap_file=uap_file,
         uap_norm_l2=float(np.linalg.norm(rho)), uap_norm_linf=float(np.abs(rho).max()),
         passes=crafted.passes, crafting_rates=crafted.rates, visited=crafted.visited, gradient_steps=crafted.steps,

@@ -140,6 +140,19 @@ class SGDSettings(_Model):
     loss_cap: float = Field(3.0, gt=0)  # per-image cross-entropy is clipped here, so fooled images stop pulling
 
 
+class BlackBoxSettings(_Model):
+    """Query-only crafting (`algorithm: blackbox`): NES/SPSA gradient estimates in a low-resolution plane; max_iter
+    counts epochs. Slower and weaker than white-box crafting: a lower bound on what an API-only attacker gets."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
+    batch_size: int = Field(32, ge=1)
+    samples: int = Field(10, ge=1)  # antithetic pairs per step: 2 x samples x batch_size queries
+    sigma: float = Field(0.5, gt=0)  # exploration radius, a fraction of xi
+    step_size: float = Field(0.2, gt=0, le=1)
+    low_res: int = Field(32, ge=1, le=1024)
+    estimator: Literal["nes", "spsa"] = "nes"
+
+
 @dataclass(frozen=True)
 class Cell:
     """One attack configuration of the expanded grid."""
@@ -154,6 +167,7 @@ class Cell:
     clip: bool
     algorithm: str
     sgd: SGDSettings | None = None
+    blackbox: BlackBoxSettings | None = None
 
     @property
     def key(self) -> str:
@@ -172,22 +186,26 @@ class AttackGrid(_Model):
     max_iter: int = Field(15, ge=1)
     delta: float = Field(1e-6, ge=0, lt=1)
     clip: bool = True
-    algorithm: Literal["paper", "sgd"] = "paper"
+    algorithm: Literal["paper", "sgd", "blackbox"] = "paper"
     sgd: SGDSettings = Field(default_factory=SGDSettings)
+    blackbox: BlackBoxSettings = Field(default_factory=BlackBoxSettings)
 
     @model_validator(mode="after")
     def _check(self) -> AttackGrid:
         if "targets" in self.model_fields_set and "targeted" not in self.kinds:
             raise _At(("targets",), "targets is set but kinds has no 'targeted'")
-        if "sgd" in self.model_fields_set and self.algorithm != "sgd":
-            raise _At(("sgd",), "sgd settings are given but algorithm is 'paper'; set algorithm: sgd or drop them")
+        for name in ("sgd", "blackbox"):
+            if name in self.model_fields_set and self.algorithm != name:
+                raise _At((name,), f"{name} settings are given but algorithm is {self.algorithm!r}; "
+                                   f"set algorithm: {name} or drop them")
         return self
 
     def expand(self, classes: Sequence[str]) -> list[Cell]:
         """Cells in order kind, target, norm, zeta; targets 'all' means every class in `classes`."""
         targets = list(classes) if self.targets == "all" else self.targets
         shared = dict(eps=self.eps, max_iter=self.max_iter, delta=self.delta, clip=self.clip, algorithm=self.algorithm,
-                      sgd=self.sgd if self.algorithm == "sgd" else None)
+                      sgd=self.sgd if self.algorithm == "sgd" else None,
+                      blackbox=self.blackbox if self.algorithm == "blackbox" else None)
         return [
             Cell(kind=kind, target=target, norm=norm, zeta=zeta, **shared)
             for kind in self.kinds

@@ -103,6 +103,7 @@ class CellResult:
     algorithm_settings: dict[str, Any] = field(default_factory=dict)  # sgd: batch_size, step_size, loss_cap
     gradient_steps: int = 0  # per-image (paper) or mini-batch (sgd) gradient steps
     transfer: dict[str, dict[str, TransferEval]] = field(default_factory=dict)  # model name -> split -> eval
+    queries: int | None = None  # model queries spent (black-box crafting only)
 
     def headline(self, split: str) -> Rate:
         """R_f for nontargeted cells, R_s for targeted ones."""

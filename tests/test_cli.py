@@ -272,3 +272,19 @@ def test_deploy_parity_surrogate_and_transfer_matrix(tmp_path, tiny_model, phant
     assert sur["crafted_on"]["format"] == "keras" and sur["model"]["format"] == "onnx"
     for a, b in zip(sur["cells"], results["cells"]):  # same crafting model and seed: the same UAPs
         assert np.allclose(np.load(tmp_path / "sur" / a["uap_file"]), np.load(tmp_path / "out" / b["uap_file"]))
+
+
+def test_blackbox_algorithm_runs_from_a_policy_and_counts_queries(tmp_path, tiny_model, phantom_manifest):
+    policy = write_policy(tmp_path / "p.yaml")
+    text = policy.read_text().replace("    max_iter: 2\n", "    max_iter: 2\n    algorithm: blackbox\n"
+                                      "    blackbox: {batch_size: 20, samples: 2, low_res: 8}\n", 1)
+    policy.write_text(text)
+    code, output = run_cli("run", "--model", tiny_model, "--policy", policy, "--data", phantom_manifest,
+                           "--out", tmp_path / "out", "--formats", "html,json")
+    assert code == 0, output
+    cells = json.loads((tmp_path / "out" / "results.json").read_text())["cells"]
+    bb = [c for c in cells if c["algorithm"] == "blackbox"]
+    assert [c["key"] for c in bb] == ["nontargeted_inf_z0.2_blackbox", "targeted-COVID-19_inf_z0.2_blackbox"]
+    for c in bb:  # 60 images in batches of 20, 2 antithetic pairs per image per step, 2 epochs (+ evaluations)
+        assert c["queries"] >= 2 * 3 * (2 * 2 * 20) and c["algorithm_settings"]["low_res"] == 8
+    assert "Algorithm “blackbox”" in (tmp_path / "out" / "report.html").read_text()
