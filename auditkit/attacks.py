@@ -161,10 +161,12 @@ class _CompiledLoop:
 
 
 def _compiled(model: TFAdapter, norm: str, clip: bool, targeted: bool) -> _CompiledLoop:
+    """The loop ops for this model: traced TF for a TF adapter, else the adapter's own (`uap_loop`, e.g. ONNX)."""
     cache = model.__dict__.setdefault("_uap_loops", {})
     key = (norm, clip, targeted)
     if key not in cache:
-        cache[key] = _CompiledLoop(model, norm, clip, targeted)
+        cache[key] = (_CompiledLoop(model, norm, clip, targeted) if isinstance(model, TFAdapter)
+                      else model.uap_loop(norm, clip, targeted))
     return cache[key]
 
 
