@@ -16,6 +16,7 @@ from .models.adapters import TFAdapter
 NORMS = ("2", "inf")
 GRAD_NORM_FLOOR = 1e-12
 MAX_WINDOW = 256  # speculative look-ahead, images per batched check
+MIN_PROBE = 4  # probe steps in a batch only after this many rejections in a row: acceptances make probing waste
 
 
 @dataclass(frozen=True)
@@ -114,15 +115,20 @@ class _CompiledLoop:
             return v * tf.minimum(1.0, xi / tf.maximum(tf.norm(v), 1e-30))
 
         def step(x, rho, y, xi, eps):
-            """Check, gradient, step, check, project: one visited image in one graph call."""
+            """Check, gradient, step, check, project: one visited image in one graph call.
+
+            The check and the gradient share one forward pass; the backward pass runs only for an image not yet
+            fooled.
+            """
             xr = perturbed(x + rho)[None]
-            pred = tf.argmax(model.tf_log_probs(xr), axis=1, output_type=tf.int32)[0]
+            with tf.GradientTape() as tape:
+                tape.watch(xr)
+                log_probs = model.tf_log_probs(xr)
+                loss = -log_probs[0, y]
+            pred = tf.argmax(log_probs, axis=1, output_type=tf.int32)[0]
             already = fooled(pred, y)
 
             def attack():
-                with tf.GradientTape() as tape:
-                    tape.watch(xr)
-                    loss = -model.tf_log_probs(xr)[0, y]
                 g = tape.gradient(loss, xr)[0]
                 if norm == "inf":
                     direction = tf.sign(g)
@@ -139,6 +145,20 @@ class _CompiledLoop:
         def fooled_batch(x, rho, y):
             pred = tf.argmax(model.tf_log_probs(perturbed(x + rho)), axis=1, output_type=tf.int32)
             return fooled(pred, y)
+
+        def accepted_batch(x, rho, y, eps):
+            """For images not yet fooled: whether each one's step from this rho would be accepted (batched)."""
+            xr = perturbed(x + rho)
+            with tf.GradientTape() as tape:
+                tape.watch(xr)
+                loss = -tf.gather(model.tf_log_probs(xr), y, axis=1, batch_dims=1)
+            g = tape.gradient(loss, xr)  # per-image gradients: the summed losses do not interact
+            if norm == "inf":
+                direction = tf.sign(g)
+            else:
+                direction = g / tf.maximum(tf.norm(g, axis=[1, 2], keepdims=True), GRAD_NORM_FLOOR)
+            x_adv = perturbed(x + rho + (-eps if targeted else eps) * direction)
+            return fooled(tf.argmax(model.tf_log_probs(x_adv), axis=1, output_type=tf.int32), y)
 
         def sgd_step(x, rho, y, alpha, xi, loss_cap):
             """One stochastic PGD step on a mini-batch: ascend the batch-mean (capped) cross-entropy, project."""
@@ -158,6 +178,8 @@ class _CompiledLoop:
         self.sgd_step = tf.function(sgd_step, input_signature=[batch, plane, tf.TensorSpec([None], tf.int32),
                                                                scalar, scalar, scalar])
         self.fooled_batch = tf.function(fooled_batch, input_signature=[batch, plane, tf.TensorSpec([None], tf.int32)])
+        self.accepted_batch = tf.function(accepted_batch, input_signature=[batch, plane, tf.TensorSpec([None], tf.int32),
+                                                                           scalar])
 
 
 def _compiled(model: TFAdapter, norm: str, clip: bool, targeted: bool) -> _CompiledLoop:
@@ -174,8 +196,11 @@ def _compiled(model: TFAdapter, norm: str, clip: bool, targeted: bool) -> _Compi
 class UAPAttack:
     """The paper's UAP loop (Moosavi-Dezfooli et al. 2017 with an FGSM inner step; Hirano & Takemoto 2020).
 
-    `speculative=True` checks C(x + rho) for a window of upcoming images in one batched call and skips the
-    leading ones already fooled: rho does not change while skipping, so the result equals the plain loop's.
+    `speculative=True` evaluates a window of upcoming images against the current rho in batched calls: which are
+    already fooled, and, for the others, whether their step would be accepted. rho changes only at an accepted
+    step, so every image before the first acceptance is done (skipped or rejected) exactly as the plain loop
+    would; the accepted image itself is then stepped by the plain loop's single-image call, and the window
+    resumes after it. The result equals the plain loop's.
     """
 
     norm: str
@@ -230,27 +255,45 @@ class UAPAttack:
         return CraftResult(rho, len(rates), rates, visited, steps, time.perf_counter() - start)
 
     def _one_pass(self, loop: _CompiledLoop, images, labels, order, rho, xi, eps, pass_no):
-        n, i, steps = len(order), 0, 0
-        window = 1
-        rho_t = rho
+        n, i, steps, shown = len(order), 0, 0, -1
+        window, probe = 1, 1  # look-ahead sizes: images checked for "fooled", unfooled images probed for a step
         while i < n:
-            if self.progress and i % 64 == 0:
+            if self.progress and i // 64 > shown:
+                shown = i // 64
                 self.progress(pass_no, i, n, None)
-            if self.speculative and window > 1:
-                idx = order[i : i + window]
-                fooled = loop.fooled_batch(images[idx], rho_t, labels[idx]).numpy()
-                lead = int(np.argmin(fooled)) if not fooled.all() else len(idx)
-                i += lead
+            found = False  # whether the look-ahead picked the image stepped below
+            if self.speculative and (window > 1 or probe >= MIN_PROBE):
+                idx = order[i : i + max(window, probe)]
+                candidates = np.flatnonzero(~loop.fooled_batch(images[idx], rho, labels[idx]).numpy())
+                lead = int(candidates[0]) if len(candidates) else len(idx)
                 window = min(MAX_WINDOW, max(1, 2 * lead))
-                if i >= n or lead == len(idx):
+                if not len(candidates):
+                    i += len(idx)
                     continue
-            j = order[i]
-            rho_t, unfooled, _ = loop.step(images[j], rho_t, labels[j], xi, eps)
+                if probe >= MIN_PROBE:
+                    probed = candidates[:probe]
+                    sel = idx[probed]
+                    accepted = loop.accepted_batch(images[sel], rho, labels[sel], eps).numpy()
+                    if not accepted.any():  # all rejected: rho stays; done through the last image probed
+                        i += int(probed[-1]) + 1 if len(candidates) > probe else len(idx)
+                        steps += len(probed)
+                        probe = min(self.batch_size, 2 * probe)
+                        continue
+                    first = int(np.argmax(accepted))
+                    steps += first
+                    lead, probe, found = int(probed[first]), 2 * first, True
+                i += lead
+            j = order[i]  # plain loop, or the first image whose step the look-ahead found accepted
+            rho, unfooled, accepted = loop.step(images[j], rho, labels[j], xi, eps)
             steps += int(unfooled)
             if self.speculative and not unfooled:
-                window = 2
+                window = max(window, 2)
+            elif self.speculative and not accepted:
+                probe = min(self.batch_size, max(1, 2 * probe))
+            elif self.speculative and not found:
+                probe = 1
             i += 1
-        return np.asarray(rho_t, np.float32), steps
+        return np.asarray(rho, np.float32), steps
 
 
 @dataclass

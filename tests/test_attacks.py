@@ -113,6 +113,26 @@ def test_speculative_equals_plain_bit_for_bit(reg, norm, target):
     assert plain.rates == fast.rates and plain.steps == fast.steps
 
 
+@pytest.mark.parametrize("norm, eps", [("2", 0.002), ("2", 0.5), ("inf", 0.01)])
+@pytest.mark.parametrize("target", [None, 2])
+def test_speculative_equals_plain_on_a_cnn(tiny_model, phantom_manifest, norm, eps, target):
+    """On a conv net, where batched and single-image calls run different kernels. eps 0.002 (L2) rejects almost
+    every step, so the batched step probes carry the pass; the other settings accept often."""
+    from auditkit.data import Preprocess, load_dataset
+    from auditkit.models import load_model
+
+    adapter = load_model(str(tiny_model))
+    X = load_dataset(phantom_manifest, adapter.classes, preprocess=Preprocess(size=adapter.spec.input_size),
+                     cache_dir=False).subset("train").floats()
+    xi, _ = xi_for(X, norm, 0.1)
+    criterion = Nontargeted() if target is None else Targeted(target)
+    plain, fast = (UAPAttack(norm=norm, xi=xi, eps=eps, max_iter=3, speculative=s, batch_size=16).craft(
+        adapter, X, criterion, np.random.default_rng(4)) for s in (False, True))
+    assert np.array_equal(plain.rho, fast.rho)
+    assert plain.rates == fast.rates and plain.steps == fast.steps
+    assert plain.steps > 0
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.integers(0, 2**31 - 1), st.sampled_from(["2", "inf"]), st.floats(1e-4, 10.0))
 def test_projection_and_controls_stay_in_the_ball(seed, norm, xi):

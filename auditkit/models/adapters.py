@@ -24,15 +24,38 @@ def configure_tensorflow() -> Any:
     import os
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
-
     if not getattr(configure_tensorflow, "done", False):
+        tf = _import_tensorflow_quietly()
         try:
             tf.config.threading.set_intra_op_parallelism_threads(int(os.environ.get("AUDITKIT_THREADS", "0")))
             tf.config.threading.set_inter_op_parallelism_threads(1)
         except RuntimeError:  # already initialised by the caller; keep their setting
             pass
         configure_tensorflow.done = True
+    import tensorflow as tf
+
+    return tf
+
+
+def _import_tensorflow_quietly():
+    """`import tensorflow` with fd 2 sent to /dev/null: TF 2.21 prints its C++ start-up banner (oneDNN notice)
+    through absl before any log level applies. Import errors still surface as Python exceptions."""
+    import os
+    import sys
+
+    if "tensorflow" in sys.modules:
+        import tensorflow as tf
+
+        return tf
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        import tensorflow as tf
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
     return tf
 
 

@@ -486,6 +486,18 @@ class ArrayUAPLoop:
         pred = np.argmax(self._model.log_probs(self._perturbed(x + rho)), axis=1)
         return np.asarray(self._fooled(pred, np.asarray(y)), bool).view(_HostMask)
 
+    def accepted_batch(self, x, rho, y, eps) -> _HostMask:
+        """Whether each (not yet fooled) image's step from rho would be accepted, batched."""
+        xr = self._perturbed(x + rho)
+        _, g = self._model.log_probs_and_gradient(xr, np.asarray(y))
+        if self._norm == "inf":
+            direction = np.sign(g)
+        else:
+            direction = g / np.maximum(np.linalg.norm(g.reshape(len(g), -1), axis=1), self._floor)[:, None, None]
+        x_adv = self._perturbed(x + (rho + (-eps if self._targeted else eps) * direction))
+        pred = np.argmax(self._model.log_probs(x_adv), axis=1)
+        return np.asarray(self._fooled(pred, np.asarray(y)), bool).view(_HostMask)
+
     def sgd_step(self, x, rho, y, alpha, xi, loss_cap):
         """One projected signed / normalised step on the batch-mean (capped) cross-entropy w.r.t. rho."""
         v = x + rho
