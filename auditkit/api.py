@@ -45,6 +45,11 @@ def run(model: str | Path | ModelAdapter, policy: str | Path | Policy, out_dir: 
     surrogate_model = load_model(surrogate) if surrogate is not None else None
     if any(g.algorithm != "blackbox" for g in policy.attacks):
         (surrogate_model or adapter).require_gradients()
+    hardening = policy.hardening.enabled if harden is None else harden
+    if hardening:  # refuse before hours of auditing, not after
+        from .harden import check_trainable
+
+        check_trainable(adapter)
     deploy_model = load_model(deploy) if deploy is not None else None
     transfer_models = [load_model(t) for t in [*policy.transfer, *transfer]]
     size = policy.data.preprocess.size or adapter.spec.input_size
@@ -57,7 +62,7 @@ def run(model: str | Path | ModelAdapter, policy: str | Path | Policy, out_dir: 
                           progress=progress, log=log)
         result = run_audit(policy, adapter, dataset, out_dir=work, surrogate=surrogate_model, deploy=deploy_model,
                            transfer=transfer_models, **audit_args)
-        if policy.hardening.enabled if harden is None else harden:
+        if hardening:
             hardened, result.hardening = harden_model(policy, adapter, dataset, work, progress=progress, log=log,
                                                       checkpoint_dir=out_dir / "hardening")
             result.hardened = run_audit(policy, hardened, dataset, out_dir=work / AFTER_DIR, **audit_args)
@@ -134,15 +139,23 @@ def _staging_dir(out_dir: Path) -> Path:
     except OSError as exc:
         raise AuditkitError(f"cannot create the output folder ({exc.strerror})", str(out_dir)) from None
     work = parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
-    work.mkdir()
+    try:
+        work.mkdir()
+    except OSError as exc:
+        raise AuditkitError(f"cannot write beside the output folder ({exc.strerror})", str(out_dir)) from None
     return work
 
 
 def _publish(work: Path, out_dir: Path) -> None:
-    """Move a finished run into `out_dir`, replacing the outputs of an earlier run there."""
+    """Move a finished run into `out_dir`, replacing the outputs of an earlier run there (also the reports of
+    formats this run did not write, so no stale report sits beside the new results)."""
+    from .report import FILENAMES
+
     out_dir.mkdir(parents=True, exist_ok=True)
     for sub in ("uaps", "samples", AFTER_DIR):
         if (out_dir / sub).is_dir():
             shutil.rmtree(out_dir / sub)
+    for name in FILENAMES.values():
+        (out_dir / name).unlink(missing_ok=True)
     for item in work.iterdir():
         item.replace(out_dir / item.name)

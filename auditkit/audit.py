@@ -168,7 +168,7 @@ def _deploy_parity(model: ModelAdapter, deploy: ModelAdapter, splits: dict[str, 
 def model_info(model: ModelAdapter) -> ModelInfo:
     return ModelInfo(name=model.name, format=model.format, path=str(model.path or ""), sha256=model.sha256(),
                      classes=list(model.classes), input_size=model.spec.input_size, channels=model.spec.channels,
-                     parameters=model.parameters)
+                     parameters=model.parameters, gradients=model.gradient_source())
 
 
 def evaluate(split: Split, rho: np.ndarray | None, classes, *, model: ModelAdapter | None = None,

@@ -11,6 +11,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -25,8 +26,9 @@ policy_app = typer.Typer(no_args_is_help=True, help="Policy files.")
 zoo_app = typer.Typer(no_args_is_help=True, help="Built-in reference models.")
 app.add_typer(policy_app, name="policy")
 app.add_typer(zoo_app, name="zoo")
-console = Console(stderr=True)
-out = Console()
+# markup off by default: names, labels and paths from user files may contain [brackets]
+console = Console(stderr=True, markup=False)
+out = Console(markup=False)
 STATE = {"debug": False}
 FORMATS = ("html", "pdf", "json", "junit")
 
@@ -48,16 +50,16 @@ def _guarded(fn):
         except AuditkitError as exc:
             if STATE["debug"]:
                 raise
-            console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+            console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, markup=True, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            console.print("[bold red]interrupted[/]: no output was written")
+            console.print("[bold red]interrupted[/]: no output was written", markup=True)
             raise typer.Exit(130) from None
         except Exception as exc:  # noqa: BLE001 - last line of defence of a CLI
             if STATE["debug"]:
                 raise
-            console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc} (rerun with --debug)",
-                          highlight=False, soft_wrap=True)
+            console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc))} (rerun with --debug)",
+                          highlight=False, markup=True, soft_wrap=True)
             raise typer.Exit(3) from None
 
     return wrapper
@@ -257,7 +259,7 @@ def inspect(
             ("input", f"{s.input_size}x{s.input_size}, {s.channels} channel(s), {s.layout}"),
             ("preprocessing", f"x*{s.scale:g}, mean {list(s.mean)}, std {list(s.std)}"),
             ("output", s.output), ("parameters", f"{m.parameters:,}" if m.parameters else "unknown"),
-            ("white-box gradients", "yes" if m.can_craft else f"no — {m.craft_refusal}")]
+            ("white-box gradients", f"yes — {m.gradient_source()}" if m.can_craft else f"no — {m.craft_refusal}")]
     rows += [(f"sha256 {name}", digest) for name, digest in m.sha256().items()]
     for k, v in rows:
         table.add_row(k, v)
@@ -326,10 +328,10 @@ def _print_summary(result, out_dir: Path) -> None:
     out.print(table)
     for r in result.rules:
         mark = "[green]PASS[/]" if r.passed else "[bold red]FAIL[/]"
-        out.print(f"{mark} {r.name}: measured {r.measured:.3f} ({r.worst_cell or r.split}), "
-                  f"{r.bound} {r.limit:g}", highlight=False)
+        out.print(f"{mark} {escape(r.name)}: measured {r.measured:.3f} ({escape(r.worst_cell or r.split)}), "
+                  f"{r.bound} {r.limit:g}", highlight=False, markup=True)
     colour = "green" if result.verdict == "PASS" else "bold red"
-    out.print(f"verdict: [{colour}]{result.verdict}[/]  ->  {out_dir}")
+    out.print(f"verdict: [{colour}]{result.verdict}[/]  ->  {escape(str(out_dir))}", markup=True)
 
 
 def main() -> None:

@@ -44,9 +44,7 @@ def harden(model: ModelAdapter, train_images: np.ndarray, train_labels: np.ndarr
     """Retrain a clone of `model` against UAPs; write checkpoints under `checkpoint_dir` (default
     out_dir/hardening) and the hardened model as out_dir/hardened.keras, hardened.onnx (+ hardened.yaml).
     The caller's model is left untouched."""
-    if not isinstance(model, KerasAdapter):
-        raise AuditkitError(f"hardening needs a Keras model (.keras or a zoo name); {model.name} is {model.format}",
-                            model.name)
+    check_trainable(model)
     progress = progress or (lambda _label, _done, _total: None)
     log = log or (lambda _msg: None)
     out_dir = Path(out_dir)
@@ -83,6 +81,13 @@ def harden(model: ModelAdapter, train_images: np.ndarray, train_labels: np.ndarr
         settings=record_settings, metric="fooling_rate" if target is None else "targeted_success_rate",
         rounds=rounds, final_confusion=done[-1][1], keras_file=keras_file, onnx_file=onnx_file, parity=parity,
         seconds=sum(r.seconds for r in rounds) + time.perf_counter() - start)
+
+
+def check_trainable(model: ModelAdapter) -> None:
+    """Hardening fine-tunes weights: only a Keras model (a .keras file or a zoo name) can be retrained."""
+    if not isinstance(model, KerasAdapter):
+        raise AuditkitError(f"hardening needs a Keras model (.keras or a zoo name); {model.name} is {model.format}",
+                            model.name)
 
 
 @dataclass

@@ -142,6 +142,7 @@ class ModelInfo:
     channels: int
     parameters: int | None
     description: str = ""
+    gradients: str | None = None  # how input gradients were obtained; None where none were needed
 
 
 @dataclass
@@ -255,7 +256,7 @@ def from_dict(data: dict[str, Any], where: str = "results.json") -> AuditResult:
         raise AuditkitError(f"schema_version {version!r} is not supported (expected {SCHEMA_VERSION})", where)
     try:
         return _build(AuditResult, data)
-    except (TypeError, KeyError, ValueError) as exc:
+    except (TypeError, KeyError, ValueError, AttributeError) as exc:
         raise AuditkitError(f"malformed results: {exc}", where) from None
 
 

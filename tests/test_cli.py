@@ -21,6 +21,19 @@ def run_cli(*args):
     return result.exit_code, result.output
 
 
+def onnx_twin(tiny_model, folder) -> Path:
+    """The tiny Keras model exported with tf2onnx, with its model.yaml."""
+    import keras
+    import tensorflow as tf
+    import tf2onnx
+
+    model = keras.saving.load_model(tiny_model, safe_mode=True)
+    sig = (tf.TensorSpec((None, 32, 32, 1), tf.float32, name="image"),)
+    tf2onnx.convert.from_keras(model, input_signature=sig, opset=17, output_path=str(folder / "tiny.onnx"))
+    (folder / "tiny.yaml").write_text("classes: [normal, pneumonia, COVID-19]\n")
+    return folder / "tiny.onnx"
+
+
 @pytest.fixture(scope="module")
 def passing_run(tmp_path_factory, tiny_model, phantom_manifest):
     d = tmp_path_factory.mktemp("run")
@@ -135,6 +148,23 @@ def test_a_script_label_is_escaped_in_the_html(tmp_path, tiny_model, phantom_man
     assert evil not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
 
 
+def test_brackets_in_user_text_are_printed_verbatim(tmp_path):
+    """Rich markup in a path or name must neither crash the error handler nor vanish from the message."""
+    policy = tmp_path / "[/x] [bold]p.yaml"
+    code, output = run_cli("policy", "check", policy)
+    assert code == 2 and "[/x] [bold]p.yaml" in output and "Traceback" not in output
+
+
+def test_hardening_a_model_that_cannot_be_trained_is_refused_before_the_audit(tmp_path, tiny_model,
+                                                                              phantom_manifest):
+    onnx_path = onnx_twin(tiny_model, tmp_path)
+    policy = write_policy(tmp_path / "p.yaml")
+    code, output = run_cli("run", "--model", onnx_path, "--policy", policy, "--data", phantom_manifest,
+                           "--out", tmp_path / "out", "--harden")
+    assert code == 2 and "hardening needs a Keras model" in output
+    assert "cells" not in output and not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("edit,message", [
     (lambda p: p.replace("zetas: [0.2]", "zetas: [1.5]", 1), "attacks.0.zetas.0"),
     (lambda p: p.replace("seed: 5", "seed: 5\ncolour: red"), "colour"),
@@ -167,19 +197,12 @@ def test_bad_manifest_row_exits_2_naming_file_and_row_and_writes_nothing(tmp_pat
 
 
 def test_onnx_model_is_audited_and_an_undifferentiable_one_exits_2(tmp_path, tiny_model, phantom_manifest):
-    import keras
-    import tensorflow as tf
-    import tf2onnx
-
     from test_onnx_grad import handmade_onnx
 
     policy = write_policy(tmp_path / "p.yaml")
     code, output = run_cli("run", "--model", tmp_path / "nope.keras", "--policy", policy, "--out", tmp_path / "o")
     assert code == 2 and "nope.keras" in output and "no such model" in output
-    model = keras.saving.load_model(tiny_model, safe_mode=True)
-    sig = (tf.TensorSpec((None, 32, 32, 1), tf.float32, name="image"),)
-    tf2onnx.convert.from_keras(model, input_signature=sig, opset=17, output_path=str(tmp_path / "tiny.onnx"))
-    (tmp_path / "tiny.yaml").write_text("classes: [normal, pneumonia, COVID-19]\n")
+    onnx_twin(tiny_model, tmp_path)
     code, output = run_cli("run", "--model", tmp_path / "tiny.onnx", "--policy", policy, "--data", phantom_manifest,
                            "--out", tmp_path / "o", "--formats", "json")
     assert code == 0, output
@@ -243,14 +266,7 @@ def test_run_with_hardening_reports_before_and_after(tmp_path, tiny_model, phant
 
 
 def test_deploy_parity_surrogate_and_transfer_matrix(tmp_path, tiny_model, phantom_manifest):
-    import keras
-    import tensorflow as tf
-    import tf2onnx
-
-    model = keras.saving.load_model(tiny_model, safe_mode=True)
-    sig = (tf.TensorSpec((None, 32, 32, 1), tf.float32, name="image"),)
-    tf2onnx.convert.from_keras(model, input_signature=sig, opset=17, output_path=str(tmp_path / "tiny.onnx"))
-    (tmp_path / "tiny.yaml").write_text("classes: [normal, pneumonia, COVID-19]\n")
+    onnx_twin(tiny_model, tmp_path)
     policy = write_policy(tmp_path / "p.yaml")
     code, output = run_cli("run", "--model", tiny_model, "--deploy", tmp_path / "tiny.onnx", "--transfer",
                            tmp_path / "tiny.onnx", "--policy", policy, "--data", phantom_manifest,

@@ -117,6 +117,16 @@ def test_bad_spec_values_name_the_key(keras_and_onnx, tmp_path):
         load_model(keras_and_onnx / "cnn.keras", {"colour": "red"})
 
 
+@pytest.mark.parametrize("name", ["cnn.keras", "cnn.onnx"])
+@pytest.mark.parametrize("override, message", [
+    ({"classes": ["a", "b"]}, r"number of classes 2, but the model's graph has 3"),
+    ({"input_size": 64}, r"input size 64, but the model's graph has 32"),
+])
+def test_a_spec_that_contradicts_the_graph_is_refused(keras_and_onnx, name, override, message):
+    with pytest.raises(AuditkitError, match=message):
+        load_model(keras_and_onnx / name, override)
+
+
 def test_unsafe_keras_lambda_is_refused(tmp_path):
     import keras
 

@@ -106,3 +106,25 @@ def test_load_checks_weights_exist_and_match_their_sha256(tmp_path, monkeypatch)
     (tmp_path / "covidnet_small.json").write_text(json.dumps(info))
     with pytest.raises(AuditkitError, match="sha256"):
         zoo.load_zoo_model("covidnet_small")
+
+
+def test_quick_policy_runs_end_to_end_on_the_builtin_default(tmp_path):
+    """The out-of-the-box command: a zoo model, the shipped quick.yaml, no --data (the built-in phantoms)."""
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from auditkit.cli import app
+
+    policy = Path(__file__).resolve().parents[1] / "policies" / "quick.yaml"
+    out = tmp_path / "audit"
+    result = CliRunner().invoke(app, ["run", "--model", "covidnet_small", "--policy", str(policy), "--out", str(out)],
+                                catch_exceptions=False)
+    assert result.exit_code in (0, 1), result.output
+    data = json.loads((out / "results.json").read_text())
+    assert data["data"]["synthetic"] is True
+    assert data["verdict"] == ("PASS" if result.exit_code == 0 else "FAIL")
+    assert {c["kind"] for c in data["cells"]} == {"nontargeted", "targeted"}
+    html = (out / "report.html").read_text()
+    assert "synthetic" in html.lower() and data["verdict"] in html
+    assert (out / "junit.xml").is_file()

@@ -117,6 +117,10 @@ class ModelAdapter:
     def _predict_batch(self, images: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
+    def gradient_source(self) -> str | None:
+        """How input gradients are obtained, for the record; None where the model was never asked for them."""
+        return None
+
     def require_gradients(self) -> None:
         if not self.can_craft:
             raise AuditkitError(self.craft_refusal, self.name)
@@ -142,6 +146,9 @@ class TFAdapter(ModelAdapter):
     @property
     def parameters(self) -> int | None:
         return self._parameters
+
+    def gradient_source(self) -> str | None:
+        return "TensorFlow automatic differentiation (exact)"
 
     def tf_log_probs(self, images):
         """Log class probabilities (N, K); the cross-entropy for label y is minus column y."""
@@ -175,9 +182,9 @@ class KerasAdapter(TFAdapter):
 
     def __init__(self, name: str, path: Path | None, model, spec_overrides: dict[str, Any], where: str):
         self.model = model
-        spec = infer_spec(model.inputs[0].shape, _keras_output_kind(model), model.outputs[0].shape[-1])
-        spec = spec.merged(spec_overrides, where)
-        super().__init__(name, path, _complete(spec, name), lambda x: model(x, training=False), model.count_params())
+        graph = infer_spec(model.inputs[0].shape, _keras_output_kind(model), model.outputs[0].shape[-1])
+        spec = _complete(graph.merged(spec_overrides, where), name, graph)
+        super().__init__(name, path, spec, lambda x: model(x, training=False), model.count_params())
 
 
 class SavedModelAdapter(TFAdapter):
@@ -202,12 +209,12 @@ class SavedModelAdapter(TFAdapter):
             raise AuditkitError(f"the serving signature must have one output, has {sorted(outputs)}", str(path))
         (output_name, output_spec), = outputs.items()
         self._loaded = loaded  # keeps the signature's variables alive
-        spec = infer_spec(input_spec.shape, None, output_spec.shape[-1]).merged(spec_overrides, where)
+        graph = infer_spec(input_spec.shape, None, output_spec.shape[-1])
 
         def forward(x):
             return signature(**{input_name: x})[output_name]
 
-        spec = _complete(spec, name)
+        spec = _complete(graph.merged(spec_overrides, where), name, graph)
         if spec.output is None:
             probe = tf.constant(model_input(_probe_images(spec), spec, np), tf.float32)
             spec = dataclasses.replace(spec, output=_detect_output(forward(probe).numpy()))
@@ -237,8 +244,8 @@ class OnnxAdapter(ModelAdapter):
         shape = [d if isinstance(d, int) else None for d in inputs[0].shape]
         self.batch = shape[0] if shape else None  # a fixed batch size, or None (dynamic)
         out_dim = outputs[0].shape[-1] if isinstance(outputs[0].shape[-1], int) else None
-        spec = infer_spec(shape, None, out_dim).merged(spec_overrides, where)
-        super().__init__(name, path, _complete(spec, name))
+        graph = infer_spec(shape, None, out_dim)
+        super().__init__(name, path, _complete(graph.merged(spec_overrides, where), name, graph))
         if self.spec.output is None:
             raw = self._run(_onnx_input(_probe_images(self.spec), self.spec))
             self.spec = dataclasses.replace(self.spec, output=_detect_output(raw))
@@ -286,6 +293,12 @@ class OnnxAdapter(ModelAdapter):
     def gradient_path(self):
         """The onnx_grad.GradientPath in use (name, self-check error), or None."""
         return self._gradients()[1]
+
+    def gradient_source(self) -> str | None:
+        if self._gradient_state is None:  # evaluation only: the gradient path was never set up
+            return None
+        path = self.gradient_path
+        return path.describe() if path else f"none: {self.craft_refusal}"
 
     def log_probs(self, images: np.ndarray) -> np.ndarray:
         """Log class probabilities (N, K) through the image-space graph the gradients come from."""
@@ -358,7 +371,8 @@ def _detect_output(raw: np.ndarray) -> str:
     return "softmax" if is_prob else "logits"
 
 
-def _complete(spec: ModelSpec, name: str) -> ModelSpec:
+def _complete(spec: ModelSpec, name: str, graph: ModelSpec) -> ModelSpec:
+    """The spec, once it says everything the audit needs and agrees with what the model's graph says."""
     missing = [k for k in ("classes", "input_size", "channels") if getattr(spec, k) is None]
     if missing:
         raise AuditkitError(
@@ -368,4 +382,9 @@ def _complete(spec: ModelSpec, name: str) -> ModelSpec:
         n = len(spec.mean)
         if n not in (1, spec.channels) or len(spec.std) not in (1, spec.channels):
             raise AuditkitError(f"mean/std must have 1 or {spec.channels} values", name)
+    for what, declared, actual in (
+            ("number of classes", len(spec.classes), len(graph.classes) if graph.classes else None),
+            ("input size", spec.input_size, graph.input_size), ("channels", spec.channels, graph.channels)):
+        if actual is not None and declared != actual:
+            raise AuditkitError(f"the model spec gives {what} {declared}, but the model's graph has {actual}", name)
     return spec

@@ -394,6 +394,11 @@ class GradientPath:
     name: str  # "onnx-ad" | "torch"
     gradient: GradientFn  # (images (N,H,W), one-hot (N,K)) -> (log-probs (N,K), d loss_i / d image_i (N,H,W))
     error: float  # its self-check relative error
+    passed_over: tuple[str, ...] = ()  # why the paths tried before it failed
+
+    def describe(self) -> str:
+        text = f"{self.name}, checked against finite differences (relative error {self.error:.1e})"
+        return text + (f"; fallback after: {'; '.join(self.passed_over)}" if self.passed_over else "")
 
 
 def find_gradient_path(model, input_name: str, spec: ModelSpec, batch: int | None
@@ -426,7 +431,7 @@ def find_gradient_path(model, input_name: str, spec: ModelSpec, batch: int | Non
             failures.append(f"{backend.name}: {_first_line(exc)}")
             continue
         if error <= MAX_REL_ERROR:
-            return forward, GradientPath(backend.name, gradient, error), failures
+            return forward, GradientPath(backend.name, gradient, error, tuple(failures)), failures
         failures.append(f"{backend.name}: its gradient disagrees with finite differences "
                         f"(relative error {error:.2g} > {MAX_REL_ERROR:g})")
     return forward, None, failures
