@@ -192,6 +192,17 @@ def _compiled(model: TFAdapter, norm: str, clip: bool, targeted: bool) -> _Compi
     return cache[key]
 
 
+def _prepare(model: TFAdapter, images: np.ndarray, criterion: Criterion, clean_pred: np.ndarray | None, norm: str,
+             clip: bool) -> tuple[np.ndarray, np.ndarray, _CompiledLoop]:
+    """(checked images, the labels the criterion compares predictions with, the loop ops) for one crafting run."""
+    model.require_gradients()
+    images = model.check_images(images)
+    if clean_pred is None:
+        clean_pred = model.predict(images)
+    return images, criterion.labels(np.asarray(clean_pred)).astype(np.int32), _compiled(model, norm, clip,
+                                                                                       criterion.targeted)
+
+
 @dataclass
 class UAPAttack:
     """The paper's UAP loop (Moosavi-Dezfooli et al. 2017 with an FGSM inner step; Hirano & Takemoto 2020).
@@ -229,13 +240,8 @@ class UAPAttack:
     def craft(self, model: TFAdapter, images: np.ndarray, criterion: Criterion, rng: np.random.Generator,
               clean_pred: np.ndarray | None = None) -> CraftResult:
         """Craft one UAP on `images` (float32 N x H x W in [0, 1]); `rng` draws each pass's visiting order."""
-        model.require_gradients()
-        images = model.check_images(images)
+        images, labels, loop = _prepare(model, images, criterion, clean_pred, self.norm, self.clip)
         n = len(images)
-        if clean_pred is None:
-            clean_pred = model.predict(images, self.batch_size)
-        labels = criterion.labels(np.asarray(clean_pred)).astype(np.int32)
-        loop = _compiled(model, self.norm, self.clip, criterion.targeted)
         xi, eps = np.float32(self.xi), np.float32(self.eps)
         rho = np.zeros(images.shape[1:], np.float32)
         rates: list[float] = []
@@ -321,13 +327,8 @@ class SGDUAPAttack:
 
     def craft(self, model: TFAdapter, images: np.ndarray, criterion: Criterion, rng: np.random.Generator,
               clean_pred: np.ndarray | None = None) -> CraftResult:
-        model.require_gradients()
-        images = model.check_images(images)
+        images, labels, loop = _prepare(model, images, criterion, clean_pred, self.norm, self.clip)
         n = len(images)
-        if clean_pred is None:
-            clean_pred = model.predict(images)
-        labels = criterion.labels(np.asarray(clean_pred)).astype(np.int32)
-        loop = _compiled(model, self.norm, self.clip, criterion.targeted)
         exact = UAPAttack(norm=self.norm, xi=self.xi, clip=self.clip, batch_size=64)
         per_epoch = -(-n // self.batch_size)
         total = self.epochs * per_epoch

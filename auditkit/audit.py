@@ -238,7 +238,6 @@ def _run_cell(policy: Policy, cell: Cell, model, crafter, craft: Split, splits: 
     xi, mean_norm = xi_for(craft.images, cell.norm, cell.zeta)
     target = None if cell.target is None else classes.index(cell.target)
     criterion = Nontargeted() if target is None else Targeted(target)
-    n = len(craft.images)
 
     def on_progress(pass_no: int, done: int, total: int, rate: float | None) -> None:
         if done == 0 and rate is None:

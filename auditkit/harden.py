@@ -7,7 +7,6 @@ an interrupted run resumes to the same weights. The result is exported as .keras
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -26,7 +25,7 @@ from .metrics import Rate
 from .audit import cell_rng
 from .errors import AuditkitError
 from .models import keras_adapter, load_model
-from .models.adapters import KerasAdapter, ModelAdapter, model_input
+from .models.adapters import KerasAdapter, ModelAdapter, model_input, op_determinism
 from .policy import Hardening
 from .results import HardeningRecord, HardeningRound, atomic_write_bytes, atomic_write_text
 
@@ -66,7 +65,7 @@ def harden(model: ModelAdapter, train_images: np.ndarray, train_labels: np.ndarr
         state_dir=Path(checkpoint_dir) if checkpoint_dir else out_dir / "hardening", progress=progress, log=log)
     fingerprint = _fingerprint(model, record_settings, train_images, train_labels, test_images, test_labels)
 
-    with _op_determinism(run.model.tf):
+    with op_determinism():
         done = run.resume(fingerprint)
         for k in range(len(done), settings.rounds + 1):
             done.append(run.run_round(k))
@@ -271,20 +270,6 @@ def _round_line(r: HardeningRound, rounds: int, targeted: bool) -> str:
     head = f"round {r.round}/{rounds}" + (" (before retraining)" if r.round == 0 else "")
     return (f"{head}: {'R_s' if targeted else 'R_f'} {a.value:.1%} [{a.low:.1%}, {a.high:.1%}], "
             f"clean acc {r.clean_accuracy.value:.1%}, {r.seconds:.0f} s")
-
-
-@contextlib.contextmanager
-def _op_determinism(tf):
-    """Deterministic TF ops for the duration; switched back off afterwards if the caller had them off."""
-    from tensorflow.python.framework import config as tf_config  # the public API can only switch it on
-
-    was_on = tf_config.is_op_determinism_enabled()
-    tf.config.experimental.enable_op_determinism()
-    try:
-        yield
-    finally:
-        if not was_on:
-            tf_config.disable_op_determinism()
 
 
 def _export(model: KerasAdapter, out_dir: Path, test_images: np.ndarray,

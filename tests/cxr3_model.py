@@ -16,7 +16,7 @@ import numpy as np
 
 from auditkit.data import Dataset, Preprocess, default_cache_dir, load_dataset
 from auditkit.models import keras_adapter
-from auditkit.models.adapters import configure_tensorflow
+from auditkit.models.adapters import configure_tensorflow, op_determinism
 
 CXR3 = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr3"
 CLASSES = ("normal", "pneumonia", "COVID-19")
@@ -62,18 +62,12 @@ def build_cnn(recipe: dict = RECIPE):
 @contextlib.contextmanager
 def _deterministic(seed: int):
     """Seeded, deterministic TF ops for the duration; op determinism is switched back off afterwards."""
-    tf = configure_tensorflow()
     import keras
-    from tensorflow.python.framework import config as tf_config  # the public API can only switch it on
 
-    was_on = tf_config.is_op_determinism_enabled()
+    configure_tensorflow()
     keras.utils.set_random_seed(seed)
-    tf.config.experimental.enable_op_determinism()
-    try:
+    with op_determinism():
         yield
-    finally:
-        if not was_on:
-            tf_config.disable_op_determinism()
 
 
 def train_cnn(train: Dataset, recipe: dict = RECIPE):

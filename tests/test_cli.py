@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from auditkit.cli import app
-from conftest import CLASSES, json_without_times, write_policy
+from conftest import json_without_times, write_policy
 
 runner = CliRunner()
 

@@ -1,7 +1,6 @@
 """Report rendering: HTML content and escaping, PDF, JUnit, and the files write_reports produces."""
 from __future__ import annotations
 
-import dataclasses
 import re
 import shutil
 import subprocess

@@ -1,6 +1,7 @@
 """Model adapters: one interface in image space ([0, 1], H x W grayscale) over Keras, SavedModel and ONNX models."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 from pathlib import Path
@@ -35,6 +36,22 @@ def configure_tensorflow() -> Any:
     import tensorflow as tf
 
     return tf
+
+
+@contextlib.contextmanager
+def op_determinism():
+    """Deterministic TF ops for the duration; switched back off afterwards if they were off."""
+    configure_tensorflow()
+    import tensorflow as tf
+    from tensorflow.python.framework import config as tf_config  # the public API can only switch it on
+
+    was_on = tf_config.is_op_determinism_enabled()
+    tf.config.experimental.enable_op_determinism()
+    try:
+        yield
+    finally:
+        if not was_on:
+            tf_config.disable_op_determinism()
 
 
 def _import_tensorflow_quietly():
