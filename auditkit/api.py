@@ -40,6 +40,8 @@ def run(model: str | Path | ModelAdapter, policy: str | Path | Policy, out_dir: 
     if not isinstance(policy, Policy):
         policy = load_policy(policy)
     if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise AuditkitError(f"must be a non-negative integer, got {seed!r}", "seed")
         policy = policy.model_copy(update={"seed": seed})
     adapter = model if isinstance(model, ModelAdapter) else load_model(model, spec_overrides)
     surrogate_model = load_model(surrogate) if surrogate is not None else None

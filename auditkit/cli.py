@@ -137,7 +137,7 @@ def run(
     data: Optional[Path] = typer.Option(None, "--data", help="Manifest to audit on instead of the policy's."),
     out_dir: Path = typer.Option(Path("audit-out"), "--out", "-o", help="Output directory."),
     formats: Optional[str] = typer.Option(None, "--formats", help="Comma-separated: html,pdf,json,junit."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Override the policy's seed."),
+    seed: Optional[int] = typer.Option(None, "--seed", min=0, help="Override the policy's seed."),
     harden: Optional[bool] = typer.Option(None, "--harden/--no-harden", help="Run the policy's hardening block "
                                           "(default: as the policy's hardening.enabled says)."),
     surrogate: Optional[str] = typer.Option(None, "--surrogate", help="Craft the UAPs on this white-box model and "
@@ -182,7 +182,7 @@ def harden_cmd(
     policy: Path = typer.Option(..., "--policy", "-p", help="Policy YAML; its hardening block is used."),
     data: Optional[Path] = typer.Option(None, "--data", help="Manifest instead of the policy's."),
     out_dir: Path = typer.Option(Path("hardened"), "--out", "-o", help="Output directory."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Override the policy's seed."),
+    seed: Optional[int] = typer.Option(None, "--seed", min=0, help="Override the policy's seed."),
     model_spec: Optional[Path] = SPEC_OPTS["model_spec"], classes: Optional[str] = SPEC_OPTS["classes"],
 ):
     """Adversarially retrain a model (paper section 2.4): writes hardened.keras, hardened.onnx (parity-checked)
