@@ -82,8 +82,9 @@ def harden_model(policy: Policy, model: ModelAdapter, dataset: Dataset, out_dir:
                  checkpoint_dir: Path | None = None):
     """Adversarial retraining per the policy's hardening block: (hardened adapter, HardeningRecord).
 
-    Trains on the crafting split, measures on the first other evaluated split; the UAP loop's eps, max_iter,
-    delta and clip come from the policy's first attack grid. Checkpoints go to `checkpoint_dir` (default out_dir/hardening/).
+    Trains on the crafting split, measures on the first other evaluated split; crafting settings that the
+    hardening attack leaves unset (algorithm, eps, max_iter, delta, clip) come from the policy's first attack grid.
+    Checkpoints go to `checkpoint_dir` (default out_dir/hardening/).
     """
     from .audit import prepare_splits
     from .harden import harden
@@ -95,12 +96,10 @@ def harden_model(policy: Policy, model: ModelAdapter, dataset: Dataset, out_dir:
         raise AuditkitError("hardening needs a held-out split in data.eval_splits besides the crafting split",
                             "hardening")
     train, test = splits[cfg.craft_split], splits[held_out[0]]
-    grid, settings = policy.attacks[0], policy.hardening
-    bar = _StepProgress(progress)
+    settings = policy.hardening
     return harden(model, train.images, train.labels, test.images, test.labels, settings,
-                  seed=policy.seed if settings.seed is None else settings.seed, out_dir=out_dir, eps=grid.eps,
-                  max_iter=grid.max_iter, delta=grid.delta, clip=grid.clip, progress=bar, log=log,
-                  checkpoint_dir=checkpoint_dir)
+                  seed=policy.seed if settings.seed is None else settings.seed, out_dir=out_dir,
+                  defaults=policy.attacks[0], progress=_StepProgress(progress), log=log, checkpoint_dir=checkpoint_dir)
 
 
 class _StepProgress:

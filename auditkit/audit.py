@@ -232,6 +232,23 @@ def prepare_splits(policy: Policy, model: ModelAdapter, dataset: Dataset, progre
     return out
 
 
+def build_attack(cell: Cell, xi: float, progress: Callable[[int, int, int, float | None], None] | None = None):
+    """The crafting algorithm a cell names, with its settings and budget xi."""
+    if cell.algorithm == "blackbox":
+        from .blackbox import BlackBoxUAPAttack
+
+        b = cell.blackbox
+        return BlackBoxUAPAttack(norm=cell.norm, xi=xi, epochs=cell.max_iter, batch_size=b.batch_size,
+                                 samples=b.samples, sigma=b.sigma, step_size=b.step_size, low_res=b.low_res,
+                                 estimator=b.estimator, clip=cell.clip, delta=cell.delta, progress=progress)
+    if cell.algorithm == "sgd":
+        return SGDUAPAttack(norm=cell.norm, xi=xi, epochs=cell.max_iter, batch_size=cell.sgd.batch_size,
+                            step_size=cell.sgd.step_size, loss_cap=cell.sgd.loss_cap, delta=cell.delta,
+                            clip=cell.clip, progress=progress)
+    return UAPAttack(norm=cell.norm, xi=xi, eps=cell.eps, max_iter=cell.max_iter, delta=cell.delta,
+                     clip=cell.clip, progress=progress)
+
+
 def _run_cell(policy: Policy, cell: Cell, model, crafter, craft: Split, splits: dict[str, Split], classes,
               out_dir: Path, progress: Progress) -> CellResult:
     rng = cell_rng(policy.seed, cell.key)
@@ -249,21 +266,7 @@ def _run_cell(policy: Policy, cell: Cell, model, crafter, craft: Split, splits: 
             progress.update(total, f"{cell.key} pass {pass_no}/{cell.max_iter}: {name} {rate:.1%}")
             progress.done()
 
-    if cell.algorithm == "blackbox":
-        from .blackbox import BlackBoxUAPAttack
-
-        b = cell.blackbox
-        attack = BlackBoxUAPAttack(norm=cell.norm, xi=xi, epochs=cell.max_iter, batch_size=b.batch_size,
-                                   samples=b.samples, sigma=b.sigma, step_size=b.step_size, low_res=b.low_res,
-                                   estimator=b.estimator, clip=cell.clip, delta=cell.delta, progress=on_progress)
-    elif cell.algorithm == "sgd":
-        attack = SGDUAPAttack(norm=cell.norm, xi=xi, epochs=cell.max_iter, batch_size=cell.sgd.batch_size,
-                              step_size=cell.sgd.step_size, loss_cap=cell.sgd.loss_cap, delta=cell.delta,
-                              clip=cell.clip, progress=on_progress)
-    else:
-        attack = UAPAttack(norm=cell.norm, xi=xi, eps=cell.eps, max_iter=cell.max_iter, delta=cell.delta,
-                           clip=cell.clip, progress=on_progress)
-    crafted = attack.craft(crafter, craft.images, criterion, rng, clean_pred=craft.clean_pred)
+    crafted = build_attack(cell, xi, on_progress).craft(crafter, craft.images, criterion, rng, clean_pred=craft.clean_pred)
     rho = crafted.rho
     uap_file = f"uaps/{cell.key}.npy"
     _save_npy(out_dir / uap_file, rho)

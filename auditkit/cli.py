@@ -239,6 +239,11 @@ def policy_check(policy: Path = typer.Argument(..., help="Policy YAML.")):
         out.print(f"  cell {c.key}  eps={c.eps:g} max_iter={c.max_iter} clip={c.clip}")
     for t in pol.thresholds:
         out.print(f"  rule {t.name}")
+    h = pol.hardening
+    hc = h.attack.cell(pol.attacks[0])
+    out.print(f"  hardening ({'enabled' if h.enabled else 'off'}): {h.rounds} rounds x {h.uaps_per_round} UAPs "
+              f"{hc.key}  eps={hc.eps:g} max_iter={hc.max_iter} clip={hc.clip} "
+              f"on {h.attack.craft_images or 'all'} crafting images each, {h.epochs} fine-tuning epochs")
 
 
 @app.command()

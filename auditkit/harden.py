@@ -20,13 +20,13 @@ import numpy as np
 import yaml
 
 from . import metrics as M
-from .attacks import Nontargeted, Targeted, UAPAttack, perturb, xi_for
+from .attacks import Nontargeted, Targeted, perturb, xi_for
+from .audit import build_attack, cell_rng
 from .metrics import Rate
-from .audit import cell_rng
 from .errors import AuditkitError
 from .models import keras_adapter, load_model
 from .models.adapters import KerasAdapter, ModelAdapter, model_input, op_determinism
-from .policy import Hardening
+from .policy import AttackGrid, Cell, Hardening
 from .results import HardeningRecord, HardeningRound, atomic_write_bytes, atomic_write_text
 
 STATE_VERSION = 1
@@ -35,13 +35,13 @@ ONNX_OPSET = 17
 
 
 def harden(model: ModelAdapter, train_images: np.ndarray, train_labels: np.ndarray, test_images: np.ndarray,
-           test_labels: np.ndarray, settings: Hardening, *, seed: int, out_dir: Path, eps: float = 0.001,
-           max_iter: int = 15, delta: float = 1e-6, clip: bool = True,
-           progress: Callable[[str, int, int], None] | None = None,
+           test_labels: np.ndarray, settings: Hardening, *, seed: int, out_dir: Path,
+           defaults: AttackGrid | None = None, progress: Callable[[str, int, int], None] | None = None,
            log: Callable[[str], None] | None = None,
            checkpoint_dir: Path | None = None) -> tuple[KerasAdapter, HardeningRecord]:
     """Retrain a clone of `model` against UAPs; write checkpoints under `checkpoint_dir` (default
     out_dir/hardening) and the hardened model as out_dir/hardened.keras, hardened.onnx (+ hardened.yaml).
+    Crafting settings the hardening attack leaves unset come from `defaults` (the policy's first attack grid).
     The caller's model is left untouched."""
     check_trainable(model)
     progress = progress or (lambda _label, _done, _total: None)
@@ -49,17 +49,17 @@ def harden(model: ModelAdapter, train_images: np.ndarray, train_labels: np.ndarr
     out_dir = Path(out_dir)
     train_images, train_labels = _check_split("train", model, train_images, train_labels)
     test_images, test_labels = _check_split("test", model, test_images, test_labels)
-    attack_cfg = settings.attack
-    if attack_cfg.target is not None and attack_cfg.target not in model.classes:
-        raise AuditkitError(f"unknown class {attack_cfg.target!r}; the model's classes are "
+    cell = settings.attack.cell(defaults)
+    if cell.target is not None and cell.target not in model.classes:
+        raise AuditkitError(f"unknown class {cell.target!r}; the model's classes are "
                             f"{', '.join(model.classes)}", "hardening.attack.target")
-    target = None if attack_cfg.target is None else model.classes.index(attack_cfg.target)
-    xi, mean_norm = xi_for(train_images, attack_cfg.norm, attack_cfg.zeta)
-    uap = dict(norm=attack_cfg.norm, xi=xi, eps=eps, max_iter=max_iter, delta=delta, clip=clip)
-    record_settings = settings.model_dump(mode="json") | dict(eps=eps, max_iter=max_iter, delta=delta, clip=clip,
-                                                             seed=seed, xi=xi, mean_image_norm=mean_norm)
+    target = None if cell.target is None else model.classes.index(cell.target)
+    xi, mean_norm = xi_for(train_images, cell.norm, cell.zeta)
+    record_settings = settings.model_dump(mode="json") | dict(
+        eps=cell.eps, max_iter=cell.max_iter, delta=cell.delta, clip=cell.clip, algorithm=cell.algorithm,
+        sgd=cell.sgd.model_dump() if cell.sgd else None, seed=seed, xi=xi, mean_image_norm=mean_norm)
     run = _Run(
-        model=_clone(model), settings=settings, seed=seed, uap=uap,
+        model=_clone(model), settings=settings, seed=seed, cell=cell, xi=xi,
         criterion=Nontargeted() if target is None else Targeted(target), target=target,
         train=(train_images, train_labels), test=(test_images, test_labels),
         state_dir=Path(checkpoint_dir) if checkpoint_dir else out_dir / "hardening", progress=progress, log=log)
@@ -96,7 +96,8 @@ class _Run:
     model: KerasAdapter
     settings: Hardening
     seed: int
-    uap: dict[str, Any]  # UAPAttack settings: norm, xi, eps, max_iter, delta, clip
+    cell: Cell  # the crafting attack
+    xi: float
     criterion: Nontargeted | Targeted
     target: int | None
     train: tuple[np.ndarray, np.ndarray]
@@ -117,7 +118,7 @@ class _Run:
         losses = self.retrain(k) if k > 0 else []
         images, labels = self.test
         rho = self.craft(k, "eval", f"round {k}/{self.settings.rounds}: new UAP")
-        adv_pred = self.model.predict(perturb(images, rho, self.uap["clip"]))
+        adv_pred = self.model.predict(perturb(images, rho, self.cell.clip))
         rate = (M.fooling_rate(labels, adv_pred) if self.target is None
                 else M.targeted_success_rate(adv_pred, self.target))
         accuracy = M.accuracy(labels, self.model.predict(images))
@@ -125,14 +126,19 @@ class _Run:
         return HardeningRound(k, rate, accuracy, losses, time.perf_counter() - start), confusion
 
     def craft(self, k: int, purpose: str, label: str, clean_pred: np.ndarray | None = None) -> np.ndarray:
-        """One UAP against the current model on the training set, from its own seeded stream."""
-        max_iter = self.uap["max_iter"]
+        """One UAP against the current model on the training set (or a seeded subset of it), from its own
+        seeded stream."""
+        max_iter, rng = self.cell.max_iter, self.rng(k, purpose)
 
         def on_pass(pass_no: int, done: int, total: int, _rate: float | None) -> None:
             self.progress(f"{label}, pass {pass_no}/{max_iter}", done, total)
 
-        attack = UAPAttack(**self.uap, progress=on_pass)
-        return attack.craft(self.model, self.train[0], self.criterion, self.rng(k, purpose), clean_pred).rho
+        images, subset = self.train[0], self.settings.attack.craft_images
+        if subset is not None and subset < len(images):
+            chosen = np.sort(rng.permutation(len(images))[:subset])
+            images, clean_pred = images[chosen], None if clean_pred is None else clean_pred[chosen]
+        attack = build_attack(self.cell, self.xi, on_pass)
+        return attack.craft(self.model, images, self.criterion, rng, clean_pred).rho
 
     def retrain(self, k: int) -> list[float]:
         """Steps 1-3 of the round: craft UAPs, perturb a random part of the training set, fine-tune."""
@@ -145,7 +151,7 @@ class _Run:
         chosen = mix.permutation(n)[: int(round(n * s.perturbed_fraction))]
         which = mix.integers(s.uaps_per_round, size=len(chosen))
         x = images.copy()
-        x[chosen] = perturb(images[chosen], uaps[which], self.uap["clip"])
+        x[chosen] = perturb(images[chosen], uaps[which], self.cell.clip)
         return self.fine_tune(k, x, labels)
 
     def fine_tune(self, k: int, x: np.ndarray, y: np.ndarray) -> list[float]:

@@ -287,10 +287,18 @@ class Threshold(_Model):
 
 
 class HardeningAttack(_Model):
+    """The attack that drives retraining. Crafting settings left unset are the first attack grid's."""
+
     kind: Kind = "nontargeted"
     target: Name | None = None
     norm: Norm = "inf"
     zeta: Zeta = 0.02
+    algorithm: Literal["paper", "sgd"] | None = None
+    eps: float | None = Field(None, gt=0)
+    max_iter: int | None = Field(None, ge=1)
+    sgd: SGDSettings | None = None
+    # Each UAP is crafted on a fresh seeded subset of this many crafting images (None: all of them, the paper's).
+    craft_images: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _check(self) -> HardeningAttack:
@@ -298,7 +306,23 @@ class HardeningAttack(_Model):
             raise _At(("target",), "a targeted hardening attack needs a target class")
         if self.kind == "nontargeted" and self.target is not None:
             raise _At(("target",), "nontargeted attacks have no target; drop target or set kind: targeted")
+        if self.sgd is not None and self.algorithm != "sgd":
+            raise _At(("sgd",), f"sgd settings are given but algorithm is {self.algorithm!r}; "
+                                "set algorithm: sgd or drop them")
         return self
+
+    def cell(self, grid: AttackGrid | None = None) -> Cell:
+        """This attack as a grid cell, unset settings taken from `grid` (default: the library defaults).
+
+        A black-box grid lends no algorithm: hardening retrains a Keras model, which has gradients.
+        """
+        grid = grid or AttackGrid(kinds=[self.kind], norms=[self.norm], zetas=[self.zeta])
+        algorithm = self.algorithm or (grid.algorithm if grid.algorithm != "blackbox" else "paper")
+        return Cell(kind=self.kind, target=self.target, norm=self.norm, zeta=self.zeta,
+                    eps=grid.eps if self.eps is None else self.eps,
+                    max_iter=grid.max_iter if self.max_iter is None else self.max_iter,
+                    delta=grid.delta, clip=grid.clip, algorithm=algorithm,
+                    sgd=(self.sgd or grid.sgd) if algorithm == "sgd" else None)
 
 
 class Hardening(_Model):

@@ -10,7 +10,7 @@ from auditkit.attacks import Targeted, UAPAttack, perturb, xi_for
 from auditkit.errors import AuditkitError
 from auditkit.harden import harden
 from auditkit.models import keras_adapter, load_model
-from auditkit.policy import Hardening, HardeningAttack
+from auditkit.policy import AttackGrid, Hardening, HardeningAttack, SGDSettings
 
 from conftest import CLASSES
 
@@ -20,7 +20,7 @@ TARGET = 2  # COVID-19
 # Targeted: retraining against one target direction reliably removes it within 2 short rounds. Nontargeted
 # UAPs of a tiny model collapse onto whichever class is weakest, which moves from round to round.
 SETTINGS = Hardening(enabled=True, rounds=2, uaps_per_round=2, epochs=1, learning_rate=2e-3, batch_size=16,
-                     attack=HardeningAttack(kind="targeted", target=CLASSES[TARGET], zeta=0.1))
+                     attack=HardeningAttack(kind="targeted", target=CLASSES[TARGET], zeta=0.1, eps=0.05, max_iter=3))
 UAP = dict(eps=0.05, max_iter=3)
 SEED = 11
 
@@ -64,7 +64,7 @@ def hardened(base, splits, tmp_path_factory):
     """One uninterrupted run: (weights of the original before, hardened adapter, record, out_dir, log lines)."""
     before = [w.copy() for w in base.model.get_weights()]
     out, lines = tmp_path_factory.mktemp("hardened"), []
-    adapter, record = harden(base, *splits, SETTINGS, seed=SEED, out_dir=out, log=lines.append, **UAP)
+    adapter, record = harden(base, *splits, SETTINGS, seed=SEED, out_dir=out, log=lines.append)
     return before, adapter, record, out, lines
 
 
@@ -120,13 +120,13 @@ def test_resume_after_an_interrupted_round_gives_the_same_weights(base, hardened
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        harden(base, *splits, SETTINGS, seed=SEED, out_dir=tmp_path, log=interrupt_after_round_1, **UAP)
+        harden(base, *splits, SETTINGS, seed=SEED, out_dir=tmp_path, log=interrupt_after_round_1)
     assert not (tmp_path / "hardened.keras").exists()
     state = json.loads((tmp_path / "hardening" / "state.json").read_text())
     assert [e["record"]["round"] for e in state["rounds"]] == [0, 1]
 
     lines = []
-    resumed, again = harden(base, *splits, SETTINGS, seed=SEED, out_dir=tmp_path, log=lines.append, **UAP)
+    resumed, again = harden(base, *splits, SETTINGS, seed=SEED, out_dir=tmp_path, log=lines.append)
     assert lines[0].startswith("resuming after round 1/2")
     assert not any(line.startswith(("round 0/2", "round 1/2")) for line in lines)
     for a, b in zip(resumed.model.get_weights(), reference.model.get_weights(), strict=True):
@@ -137,11 +137,35 @@ def test_resume_after_an_interrupted_round_gives_the_same_weights(base, hardened
 
 def test_nontargeted_round_records_the_fooling_rate(base, splits, tmp_path):
     settings = SETTINGS.model_copy(update={"rounds": 1, "uaps_per_round": 1,
-                                           "attack": HardeningAttack(zeta=SETTINGS.attack.zeta)})
-    _, record = harden(base, *splits, settings, seed=SEED, out_dir=tmp_path, **UAP)
+                                           "attack": HardeningAttack(zeta=SETTINGS.attack.zeta, **UAP)})
+    _, record = harden(base, *splits, settings, seed=SEED, out_dir=tmp_path)
     assert record.metric == "fooling_rate" and [r.round for r in record.rounds] == [0, 1]
     conf = np.array(record.final_confusion)
     assert record.rounds[-1].attack_rate.count == conf.sum() - np.trace(conf)  # R_f: prediction != true label
+
+
+def test_sgd_hardening_on_subsets_lowers_fresh_uap_success(base, splits, tmp_path):
+    attack = SETTINGS.attack.model_copy(update={"algorithm": "sgd", "max_iter": 20, "craft_images": 60,
+                                                "sgd": SGDSettings(batch_size=16)})
+    settings = SETTINGS.model_copy(update={"attack": attack})
+    adapter, record = harden(base, *splits, settings, seed=SEED, out_dir=tmp_path)
+    assert record.settings["algorithm"] == "sgd" and record.settings["sgd"]["batch_size"] == 16
+    assert record.settings["attack"]["craft_images"] == 60 and record.settings["max_iter"] == 20
+    first, last = record.rounds[0].attack_rate.value, record.rounds[-1].attack_rate.value
+    assert last < first - 0.2, (first, last)
+    assert fresh_uap_success(adapter, splits[0]) < fresh_uap_success(base, splits[0])
+
+
+def test_unset_crafting_settings_come_from_the_first_grid():
+    grid = AttackGrid(kinds=["nontargeted"], norms=["2"], zetas=[0.01], eps=0.004, max_iter=7, delta=0.1, clip=False,
+                      algorithm="blackbox")
+    cell = HardeningAttack(max_iter=2).cell(grid)
+    assert (cell.eps, cell.max_iter, cell.delta, cell.clip, cell.norm, cell.zeta) == (0.004, 2, 0.1, False, "inf", 0.02)
+    assert cell.algorithm == "paper" and cell.sgd is None  # a black-box grid lends no algorithm to retraining
+    sgd = HardeningAttack(algorithm="sgd").cell(AttackGrid(kinds=["nontargeted"], norms=["inf"], zetas=[0.02]))
+    assert sgd.algorithm == "sgd" and sgd.sgd.batch_size == 32 and sgd.max_iter == 15
+    with pytest.raises(ValueError, match="sgd settings are given but algorithm is None"):
+        HardeningAttack(sgd={"batch_size": 8})
 
 
 def test_a_model_that_cannot_be_trained_is_refused(hardened, splits, tmp_path):
