@@ -283,7 +283,8 @@ def models():
     for name, entry in zoo.ZOO.items():
         model = zoo.build_model(name)
         info = zoo.weights_info(name)
-        weights = f"{info.get('trained_on', '?')}, test acc {info.get('test_accuracy', float('nan')):.1%}" \
+        source = info.get("trained_on", "?").split(", default set")[0]  # the generator's parameters: in the json
+        weights = f"{source}; test accuracy {info.get('test_accuracy', float('nan')):.1%} ({info.get('date', '?')})" \
             if info else "not trained"
         table.add_row(name, f"{entry.input_size}x{entry.input_size}x1", f"{model.count_params():,}",
                       f"{zoo.count_flops(model) / 1e6:.1f} M", ", ".join(entry.classes), weights)

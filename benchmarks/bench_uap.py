@@ -6,8 +6,9 @@ cache (first load of cxr3 at 224 into a fresh cache directory vs the second load
 
     python benchmarks/bench_uap.py [--size 64|224] [--images N] [--passes P] [--eps E] [--zeta Z]
 
-64: the small cxr3 CNN of tests/cxr3_model.py (trained once, cached). 224: the zoo model covidnet_small, if it
-has shipped weights. Needs ../shared/data/cxr3 next to the repo.
+64: the small cxr3 CNN of tests/cxr3_model.py (trained once, cached). 224: `--model`, a zoo name or a .keras file
+(default covidnet_small with its shipped phantom weights; a cxr3-trained one comes from
+`auditkit zoo train covidnet_small --data ../shared/data/cxr3/manifest.csv --out DIR`). Needs ../shared/data/cxr3.
 """
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ def cache_timing() -> None:
     print(f"\nspeedup {t_first / t_second:.0f}x (target >= 20x)")
 
 
-def load_subject(size: int):
+def load_subject(size: int, name: str):
     """(keras model, adapter, dataset) at `size`, or None with a message when the model is not available."""
     if size == 64:
         data = load_cxr3()
@@ -70,14 +71,14 @@ def load_subject(size: int):
         print(f"model: cxr3 CNN {path.name} ({'trained in %.1f s' % seconds if seconds is not None else 'cached'})")
         return model, cnn_adapter(model), data
     try:
-        adapter = load_model(ZOO_MODEL)
+        adapter = load_model(name)
     except AuditkitError as exc:
-        print(f"\n224x224 part skipped: {ZOO_MODEL} not available ({exc})")
+        print(f"\n224x224 part skipped: {name} not available ({exc})")
         return None
     spec = adapter.spec
     if (spec.channels, spec.layout, spec.scale, spec.mean, spec.std) != (1, "NHWC", 1.0, (0.0,), (1.0,)):
-        raise SystemExit(f"{ZOO_MODEL}: ART gets the raw Keras model, so its spec must be the identity, got {spec}")
-    print(f"model: zoo {ZOO_MODEL}")
+        raise SystemExit(f"{name}: ART gets the raw Keras model, so its spec must be the identity, got {spec}")
+    print(f"model: {name}")
     return adapter.model, adapter, load_cxr3(Preprocess(size=224, crop_top=1 / 6))
 
 
@@ -99,6 +100,7 @@ def main(argv=None) -> None:
     ap.add_argument("--eps", type=float, default=0.002, help="FGSM step (L-inf)")
     ap.add_argument("--zeta", type=float, default=0.02)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--model", default=ZOO_MODEL, help="the 224x224 model: a zoo name or a .keras file")
     ap.add_argument("--sgd-epochs", type=int, default=None, help="SGD mode epochs (default: --passes)")
     ap.add_argument("--sgd-batch", type=int, default=32)
     args = ap.parse_args(argv)
@@ -115,7 +117,7 @@ def main(argv=None) -> None:
     print(f"python {platform.python_version()}, tensorflow {tf.__version__}, ART {art.__version__}")
     cache_timing()
 
-    subject = load_subject(args.size)
+    subject = load_subject(args.size, args.model)
     if subject is None:
         return
     model, adapter, data = subject

@@ -219,6 +219,8 @@ def test_onnx_model_is_audited_and_an_undifferentiable_one_exits_2(tmp_path, tin
 def test_policy_check_and_inspect(tiny_model):
     code, output = run_cli("policy", "check", Path(__file__).parents[1] / "policies" / "paper.yaml")
     assert code == 0 and "16 cells" in output
+    flat = " ".join(output.split())  # the console wraps long lines
+    assert "hardening (off): 5 rounds x 10 UAPs nontargeted_inf_z0.02 eps=0.001 max_iter=15 clip=False on all" in flat
     code, output = run_cli("inspect", "--model", tiny_model)
     assert code == 0 and "COVID-19" in output and "32x32" in output
 
