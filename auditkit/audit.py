@@ -266,7 +266,8 @@ def _run_cell(policy: Policy, cell: Cell, model, crafter, craft: Split, splits: 
             progress.update(total, f"{cell.key} pass {pass_no}/{cell.max_iter}: {name} {rate:.1%}")
             progress.done()
 
-    crafted = build_attack(cell, xi, on_progress).craft(crafter, craft.images, criterion, rng, clean_pred=craft.clean_pred)
+    attack = build_attack(cell, xi, on_progress)
+    crafted = attack.craft(crafter, craft.images, criterion, rng, clean_pred=craft.clean_pred)
     rho = crafted.rho
     uap_file = f"uaps/{cell.key}.npy"
     _save_npy(out_dir / uap_file, rho)
