@@ -23,13 +23,14 @@ def run(model: str | Path | ModelAdapter, policy: str | Path | Policy, out_dir: 
         data: str | Path | None = None, formats: Sequence[str] | None = None, seed: int | None = None,
         spec_overrides: Mapping[str, Any] | None = None, harden: bool | None = None,
         surrogate: str | Path | None = None, deploy: str | Path | None = None, transfer: Sequence[str | Path] = (),
-        command: str = "",
+        jobs: int | None = None, command: str = "",
         progress: Progress | None = None, log: Callable[[str], None] = lambda _msg: None) -> AuditResult:
     """Audit `model` under `policy` and write results, UAPs and reports into `out_dir`.
 
     `surrogate` crafts the UAPs on another (white-box) model; `deploy` is the file actually shipped (e.g. the
     ONNX export), evaluated under every UAP with a parity check; `transfer` models (plus the policy's
-    `transfer:` list) are evaluated under every UAP for a transferability matrix.
+    `transfer:` list) are evaluated under every UAP for a transferability matrix. `jobs` cells run at a time
+    (default: one per CPU core), with the same results.
 
     With hardening (the policy's `hardening.enabled`, or `harden=True`) the model is then retrained against
     UAPs and the whole policy is re-run on the hardened model (`result.hardened`). Everything but the
@@ -61,7 +62,7 @@ def run(model: str | Path | ModelAdapter, policy: str | Path | Policy, out_dir: 
     work = _staging_dir(out_dir)
     try:
         audit_args = dict(synthetic=synthetic, data_format=fmt, command=command, policy_path=policy_path,
-                          progress=progress, log=log)
+                          progress=progress, log=log, jobs=jobs)
         result = run_audit(policy, adapter, dataset, out_dir=work, surrogate=surrogate_model, deploy=deploy_model,
                            transfer=transfer_models, **audit_args)
         if hardening:

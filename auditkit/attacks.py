@@ -16,7 +16,7 @@ from .models.adapters import TFAdapter
 NORMS = ("2", "inf")
 GRAD_NORM_FLOOR = 1e-12
 MAX_WINDOW = 256  # speculative look-ahead, images per batched check
-MIN_PROBE = 4  # probe steps in a batch only after this many rejections in a row: acceptances make probing waste
+MIN_PROBE = 4  # batched step probes only where about this many steps are rejected per accepted one
 
 
 @dataclass(frozen=True)
@@ -160,26 +160,42 @@ class _CompiledLoop:
             x_adv = perturbed(x + rho + (-eps if targeted else eps) * direction)
             return fooled(tf.argmax(model.tf_log_probs(x_adv), axis=1, output_type=tf.int32), y)
 
-        def sgd_step(x, rho, y, alpha, xi, loss_cap):
-            """One stochastic PGD step on a mini-batch: ascend the batch-mean (capped) cross-entropy, project."""
+        def scan(x, rho, y, eps, probe):
+            """Whether each image of a window is fooled, and whether the steps of its first `probe` unfooled images
+            would be accepted: all the look-ahead needs after rho moved, in one call."""
+            is_fooled = fooled_batch(x, rho, y)
+            candidates = tf.cast(tf.where(tf.logical_not(is_fooled))[:probe, 0], tf.int32)
+            accepted = tf.cond(tf.size(candidates) > 0,
+                               lambda: accepted_batch(tf.gather(x, candidates), rho, tf.gather(y, candidates), eps),
+                               lambda: tf.zeros([0], tf.bool))
+            return is_fooled, candidates, accepted
+
+        def sgd_step(x, rho, velocity, y, alpha, xi, loss_cap, momentum):
+            """One stochastic PGD step on a mini-batch: ascend the batch-mean (capped) cross-entropy along the
+            momentum of its scale-free gradients, project. Also says which images were fooled before the step."""
             with tf.GradientTape() as tape:
                 tape.watch(rho)
-                ce = -tf.gather(model.tf_log_probs(perturbed(x + rho)), y, axis=1, batch_dims=1)
+                log_probs = model.tf_log_probs(perturbed(x + rho))
+                ce = -tf.gather(log_probs, y, axis=1, batch_dims=1)
                 objective = -tf.reduce_mean(ce) if targeted else tf.reduce_mean(tf.minimum(ce, loss_cap))
             g = tape.gradient(objective, rho)
+            velocity = momentum * velocity + g / tf.maximum(tf.reduce_max(tf.abs(g)), GRAD_NORM_FLOOR)
             if norm == "inf":
-                direction = tf.sign(g)
+                direction = tf.sign(velocity)
             else:
-                direction = g / tf.maximum(tf.norm(g), GRAD_NORM_FLOOR)
-            return project_tf(rho + alpha * direction, xi)
+                direction = velocity / tf.maximum(tf.norm(velocity), GRAD_NORM_FLOOR)
+            was_fooled = fooled(tf.argmax(log_probs, axis=1, output_type=tf.int32), y)
+            return project_tf(rho + alpha * direction, xi), velocity, was_fooled
 
         batch = tf.TensorSpec([None, size, size], tf.float32)
         self.step = tf.function(step, input_signature=[plane, plane, tf.TensorSpec([], tf.int32), scalar, scalar])
-        self.sgd_step = tf.function(sgd_step, input_signature=[batch, plane, tf.TensorSpec([None], tf.int32),
-                                                               scalar, scalar, scalar])
+        self.sgd_step = tf.function(sgd_step, input_signature=[batch, plane, plane, tf.TensorSpec([None], tf.int32),
+                                                               scalar, scalar, scalar, scalar])
         self.fooled_batch = tf.function(fooled_batch, input_signature=[batch, plane, tf.TensorSpec([None], tf.int32)])
         self.accepted_batch = tf.function(accepted_batch, input_signature=[batch, plane, tf.TensorSpec([None], tf.int32),
                                                                            scalar])
+        self.scan = tf.function(scan, input_signature=[batch, plane, tf.TensorSpec([None], tf.int32), scalar,
+                                                       tf.TensorSpec([], tf.int32)])
 
 
 def _compiled(model: TFAdapter, norm: str, clip: bool, targeted: bool) -> _CompiledLoop:
@@ -204,14 +220,48 @@ def _prepare(model: TFAdapter, images: np.ndarray, criterion: Criterion, clean_p
 
 
 @dataclass
+class _LookAhead:
+    """Running estimates that size the speculative look-ahead: the share of checked images not yet fooled, and the
+    share of steps accepted. Probing about 1/accept unfooled images finds the next accepted step in one call."""
+
+    unfooled: float = 0.5
+    accept: float = 0.5
+
+    def probe(self, cap: int) -> int:
+        """Unfooled images to probe in one batched call; 1 (step them one by one) where steps are accepted so often
+        that a batched probe would mostly be redone by the single-image step after it."""
+        run = round(1.0 / max(self.accept, 1e-3))
+        return int(min(cap, run)) if run >= MIN_PROBE else 1
+
+    def skips(self) -> bool:
+        """Whether enough upcoming images are fooled already that checking a window in one call pays off."""
+        return self.unfooled <= 0.5
+
+    def window(self, probe: int) -> int:
+        return int(min(MAX_WINDOW, max(probe, round(probe / max(self.unfooled, 1e-3)))))
+
+    def checked(self, n: int, unfooled: int) -> None:
+        if n:
+            w = 1.0 - 0.95**n  # each image weighs 5%
+            self.unfooled += w * (unfooled / n - self.unfooled)
+
+    def stepped(self, n: int, accepted: int) -> None:
+        if n:
+            w = 1.0 - 0.95**n
+            self.accept += w * (accepted / n - self.accept)
+
+
+@dataclass
 class UAPAttack:
     """The paper's UAP loop (Moosavi-Dezfooli et al. 2017 with an FGSM inner step; Hirano & Takemoto 2020).
 
-    `speculative=True` evaluates a window of upcoming images against the current rho in batched calls: which are
-    already fooled, and, for the others, whether their step would be accepted. rho changes only at an accepted
-    step, so every image before the first acceptance is done (skipped or rejected) exactly as the plain loop
-    would; the accepted image itself is then stepped by the plain loop's single-image call, and the window
-    resumes after it. The result equals the plain loop's.
+    `speculative=True` evaluates a window of upcoming images against the current rho in one batched call: which are
+    already fooled, and, for the first unfooled ones, whether their step would be accepted. rho changes only at an
+    accepted step, so every image before the first acceptance is done (skipped or rejected) exactly as the plain
+    loop would; the accepted image itself is then stepped by the plain loop's single-image call, and the window
+    resumes after it. Statuses stay known until rho moves (the per-pass evaluation supplies them for the start of
+    the next pass), and window and probe sizes follow running estimates of how many images are unfooled and how
+    many steps are accepted. The result equals the plain loop's.
     """
 
     norm: str
@@ -247,12 +297,19 @@ class UAPAttack:
         rates: list[float] = []
         visited = steps = 0
         start = time.perf_counter()
+        # status[j]: whether image j is fooled under the current rho, where valid[j]. The plain loop keeps none;
+        # the speculative one reuses what its look-ahead saw in the per-pass evaluation and the next pass.
+        status, valid = np.zeros(n, bool), np.zeros(n, bool)
+        targeted, ahead = criterion.targeted, _LookAhead()
         for pass_no in range(1, self.max_iter + 1):
+            if self.speculative and pass_no == 1:
+                self._complete(model, images, labels, rho, targeted, status, valid)
             order = rng.permutation(n)
-            rho, pass_steps = self._one_pass(loop, images, labels, order, rho, xi, eps, pass_no)
+            rho, pass_steps = self._one_pass(loop, images, labels, order, rho, xi, eps, pass_no, status, valid, ahead)
             steps += pass_steps
             visited += n
-            rate = float(self.fooled(model, images, rho, labels, criterion.targeted).mean()) if n else 0.0
+            self._complete(model, images, labels, rho, targeted, status, valid)
+            rate = float(status.mean()) if n else 0.0
             rates.append(rate)
             if self.progress:
                 self.progress(pass_no, n, n, rate)
@@ -260,44 +317,69 @@ class UAPAttack:
                 break
         return CraftResult(rho, len(rates), rates, visited, steps, time.perf_counter() - start)
 
-    def _one_pass(self, loop: _CompiledLoop, images, labels, order, rho, xi, eps, pass_no):
+    def _complete(self, model, images, labels, rho, targeted, status, valid) -> None:
+        """Batched statuses under rho for every image whose status is not known (all, for the plain loop)."""
+        todo = np.flatnonzero(~valid) if self.speculative else np.arange(len(images))
+        if len(todo):
+            part = todo if len(todo) < len(images) else slice(None)  # no copy of the whole set
+            status[todo] = self.fooled(model, images[part], rho, labels[part], targeted)
+        valid[:] = self.speculative
+
+    def _one_pass(self, loop: _CompiledLoop, images, labels, order, rho, xi, eps, pass_no, status, valid, ahead):
+        """One pass over `order`. Speculative: look-ahead checks fill `status` where not `valid`; an accepted step
+        (rho moves) invalidates every status."""
         n, i, steps, shown = len(order), 0, 0, -1
-        window, probe = 1, 1  # look-ahead sizes: images checked for "fooled", unfooled images probed for a step
         while i < n:
             if self.progress and i // 64 > shown:
                 shown = i // 64
                 self.progress(pass_no, i, n, None)
-            found = False  # whether the look-ahead picked the image stepped below
-            if self.speculative and (window > 1 or probe >= MIN_PROBE):
-                idx = order[i : i + max(window, probe)]
-                candidates = np.flatnonzero(~loop.fooled_batch(images[idx], rho, labels[idx]).numpy())
-                lead = int(candidates[0]) if len(candidates) else len(idx)
-                window = min(MAX_WINDOW, max(1, 2 * lead))
+            probed = 0  # unfooled images whose step the look-ahead found rejected, before the one stepped below
+            unseen = not self.speculative  # whether only the single-image step below sees whether j is fooled
+            if self.speculative:
+                probe = ahead.probe(self.batch_size)
+                known = valid[order[i:]]
+                run = len(known) if known.all() else int(np.argmin(known))  # statuses known without a model call
+                if run:
+                    idx = order[i : i + run]
+                    candidates = np.flatnonzero(~status[idx])[:probe]
+                    accepted = (loop.accepted_batch(images[idx[candidates]], rho, labels[idx[candidates]], eps).numpy()
+                                if probe > 1 and len(candidates) else None)
+                elif probe > 1:
+                    idx = order[i : i + ahead.window(probe)]
+                    is_fooled, candidates, accepted = (t.numpy() for t in loop.scan(
+                        images[idx], rho, labels[idx], eps, np.int32(probe)))
+                    status[idx], valid[idx] = is_fooled, True
+                    ahead.checked(len(idx), len(idx) - int(is_fooled.sum()))
+                elif ahead.skips():
+                    idx = order[i : i + ahead.window(1)]
+                    status[idx], valid[idx] = loop.fooled_batch(images[idx], rho, labels[idx]).numpy(), True
+                    ahead.checked(len(idx), int(np.sum(~status[idx])))
+                    candidates, accepted = np.flatnonzero(~status[idx])[:1], None
+                else:  # the single-image step checks the image itself
+                    idx, candidates, accepted, unseen = order[i : i + 1], np.zeros(1, int), None, True
                 if not len(candidates):
                     i += len(idx)
                     continue
-                if probe >= MIN_PROBE:
-                    probed = candidates[:probe]
-                    sel = idx[probed]
-                    accepted = loop.accepted_batch(images[sel], rho, labels[sel], eps).numpy()
-                    if not accepted.any():  # all rejected: rho stays; done through the last image probed
-                        i += int(probed[-1]) + 1 if len(candidates) > probe else len(idx)
-                        steps += len(probed)
-                        probe = min(self.batch_size, 2 * probe)
-                        continue
-                    first = int(np.argmax(accepted))
-                    steps += first
-                    lead, probe, found = int(probed[first]), 2 * first, True
-                i += lead
-            j = order[i]  # plain loop, or the first image whose step the look-ahead found accepted
-            rho, unfooled, accepted = loop.step(images[j], rho, labels[j], xi, eps)
+                if accepted is not None and not accepted.any():  # all rejected: rho stays
+                    steps += len(candidates)
+                    ahead.stepped(len(candidates), 0)
+                    more = np.count_nonzero(~status[idx]) > len(candidates)  # unfooled images beyond the probe
+                    i += int(candidates[-1]) + 1 if more else len(idx)
+                    continue
+                probed = int(np.argmax(accepted)) if accepted is not None else 0
+                steps += probed
+                i += int(candidates[probed])
+            j = order[i]  # plain loop, or the first image whose step the look-ahead did not find rejected
+            rho, unfooled, accepted_here = loop.step(images[j], rho, labels[j], xi, eps)
             steps += int(unfooled)
-            if self.speculative and not unfooled:
-                window = max(window, 2)
-            elif self.speculative and not accepted:
-                probe = min(self.batch_size, max(1, 2 * probe))
-            elif self.speculative and not found:
-                probe = 1
+            if self.speculative:
+                ahead.stepped(probed + int(bool(unfooled)), int(bool(accepted_here)))
+                if unseen:
+                    ahead.checked(1, int(bool(unfooled)))
+                if not unfooled:
+                    status[j] = valid[j] = True
+                elif accepted_here:
+                    valid[:] = False
             i += 1
         return np.asarray(rho, np.float32), steps
 
@@ -305,48 +387,52 @@ class UAPAttack:
 @dataclass
 class SGDUAPAttack:
     """Stochastic-gradient UAP (Shafahi et al. 2020, "Universal adversarial training"): a different algorithm
-    from the paper's. rho follows signed (L-inf) or normalised (L2) gradient steps of the mini-batch mean
-    cross-entropy — capped at `loss_cap` for nontargeted attacks so images already fooled stop pulling — with a
-    cosine-decayed step of `step_size` x xi, projected onto the xi-ball after every step. `epochs` passes.
+    from the paper's. rho follows signed (L-inf) or normalised (L2) steps along the momentum of the mini-batch mean
+    cross-entropy's gradients — capped at `loss_cap` for nontargeted attacks so images already fooled stop
+    pulling — with a cosine-decayed step of `step_size` x xi, projected onto the xi-ball after every step.
+    `epochs` passes. Each epoch's rate is a running one, as training accuracy is: over the epoch's mini-batches,
+    each measured just before its own step (the audit evaluates the final UAP on every split anyway).
     """
 
     norm: str
     xi: float
     epochs: int = 15
     batch_size: int = 32
-    step_size: float = 0.1
+    step_size: float = 0.5
     loss_cap: float = 3.0
+    momentum: float = 0.9
     delta: float = 1e-6
     clip: bool = True
     progress: Callable[[int, int, int, float | None], None] | None = field(default=None, repr=False)
 
     def __post_init__(self):
         check_norm(self.norm)
-        if not (self.xi >= 0 and self.epochs >= 1 and self.batch_size >= 1 and self.step_size > 0):
+        if not (self.xi >= 0 and self.epochs >= 1 and self.batch_size >= 1 and self.step_size > 0
+                and 0 <= self.momentum < 1):
             raise ValueError(f"invalid SGD-UAP settings: {self}")
 
     def craft(self, model: TFAdapter, images: np.ndarray, criterion: Criterion, rng: np.random.Generator,
               clean_pred: np.ndarray | None = None) -> CraftResult:
         images, labels, loop = _prepare(model, images, criterion, clean_pred, self.norm, self.clip)
         n = len(images)
-        exact = UAPAttack(norm=self.norm, xi=self.xi, clip=self.clip, batch_size=64)
-        per_epoch = -(-n // self.batch_size)
-        total = self.epochs * per_epoch
-        xi, cap = np.float32(self.xi), np.float32(self.loss_cap)
+        total = self.epochs * -(-n // self.batch_size)
+        xi, cap, momentum = np.float32(self.xi), np.float32(self.loss_cap), np.float32(self.momentum)
         rho = np.zeros(images.shape[1:], np.float32)
+        velocity = np.zeros_like(rho)
         rates: list[float] = []
         start, t = time.perf_counter(), 0
         for epoch in range(1, self.epochs + 1):
-            order = rng.permutation(n)
+            order, fooled = rng.permutation(n), 0
             for b in range(0, n, self.batch_size):
                 if self.progress and b == 0:
                     self.progress(epoch, 0, n, None)
                 idx = order[b : b + self.batch_size]
                 alpha = self.step_size * self.xi * (0.01 + 0.99 * 0.5 * (1 + np.cos(np.pi * t / total)))
-                rho = loop.sgd_step(images[idx], rho, labels[idx], np.float32(alpha), xi, cap)
+                rho, velocity, was_fooled = loop.sgd_step(images[idx], rho, velocity, labels[idx], np.float32(alpha),
+                                                          xi, cap, momentum)
+                fooled += int(np.sum(was_fooled))
                 t += 1
-            rho = np.asarray(rho, np.float32)
-            rate = float(exact.fooled(model, images, rho, labels, criterion.targeted).mean()) if n else 0.0
+            rate = fooled / n if n else 0.0
             rates.append(rate)
             if self.progress:
                 self.progress(epoch, n, n, rate)

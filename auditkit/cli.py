@@ -146,6 +146,8 @@ def run(
                                          "also evaluated on it, with a parity check against --model."),
     transfer: Optional[list[str]] = typer.Option(None, "--transfer", help="Another model to evaluate every UAP "
                                                  "on (repeatable): a transferability matrix."),
+    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Cells crafted at a time (default: one "
+                                       "per CPU core); the results do not depend on it."),
     model_spec: Optional[Path] = SPEC_OPTS["model_spec"], classes: Optional[str] = SPEC_OPTS["classes"],
     input_size: Optional[int] = SPEC_OPTS["input_size"], channels: Optional[int] = SPEC_OPTS["channels"],
     scale: Optional[float] = SPEC_OPTS["scale"], output: Optional[str] = SPEC_OPTS["output"],
@@ -161,7 +163,7 @@ def run(
     command = "auditkit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     with RichProgress() as progress:
         result = api.run(model, policy, out_dir, data=data, formats=fmts, seed=seed, spec_overrides=overrides,
-                         harden=harden, surrogate=surrogate, deploy=deploy, transfer=transfer or (),
+                         harden=harden, surrogate=surrogate, deploy=deploy, transfer=transfer or (), jobs=jobs,
                          command=command, progress=progress, log=_log)
     _print_summary(result, out_dir)
     if result.hardened is not None:

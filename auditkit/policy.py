@@ -136,8 +136,9 @@ class SGDSettings(_Model):
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
     batch_size: int = Field(32, ge=1)
-    step_size: float = Field(0.1, gt=0, le=1)  # first step as a fraction of xi; cosine-decayed to 1% of it
+    step_size: float = Field(0.5, gt=0, le=1)  # first step as a fraction of xi; cosine-decayed to 1% of it
     loss_cap: float = Field(3.0, gt=0)  # per-image cross-entropy is clipped here, so fooled images stop pulling
+    momentum: float = Field(0.9, ge=0, lt=1)  # steps follow the running sum of scale-free mini-batch gradients
 
 
 class BlackBoxSettings(_Model):

@@ -1,4 +1,6 @@
 """The UAP engine against an exact numpy oracle of METHOD.md's loop, and projection / control properties."""
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -191,4 +193,9 @@ def test_sgd_mode_stays_in_the_ball_is_seeded_and_beats_random(reg, norm, target
 
     controls = [success(random_control(X.shape[1:], norm, xi, np.random.default_rng(s))) for s in range(5)]
     assert success(a.rho) > max(controls)
-    assert a.rates[-1] == pytest.approx(success(a.rho))
+
+    # running rates: each epoch's is measured before its steps; one step per epoch makes that the previous rho
+    whole = dataclasses.replace(attack, epochs=2, batch_size=len(X))
+    two, one = whole.craft(adapter, X, criterion, np.random.default_rng(4)), dataclasses.replace(
+        whole, epochs=1).craft(adapter, X, criterion, np.random.default_rng(4))
+    assert two.rates == pytest.approx([success(np.zeros_like(a.rho)), success(one.rho)])

@@ -147,3 +147,17 @@ def test_pooled_rate_sums_draws():
     pooled = M.pooled_rate([M.rate(1, 10), M.rate(3, 10), M.rate(0, 10)])
     assert pooled == M.rate(4, 30)
     assert math.isnan(M.pooled_rate([]).value)
+
+
+@pytest.mark.parametrize("size", [32, 12])
+def test_mean_ssim_equals_tf_image_ssim(size):
+    from auditkit.audit import mean_ssim
+    from auditkit.models import configure_tensorflow
+
+    tf = configure_tensorflow()
+    rng = np.random.default_rng(size)
+    clean = rng.random((70, size, size), dtype=np.float32)
+    adv = np.clip(clean + rng.uniform(-0.2, 0.2, clean.shape), 0, 1).astype(np.float32)
+    expected = tf.image.ssim(clean[..., None], adv[..., None], max_val=1.0, filter_size=min(11, size)).numpy()
+    assert mean_ssim(clean, adv) == pytest.approx(float(np.mean(expected)), abs=1e-6)
+    assert mean_ssim(clean, clean) == pytest.approx(1.0, abs=1e-6)

@@ -456,8 +456,8 @@ class _HostMask(np.ndarray):
 
 
 class ArrayUAPLoop:
-    """The UAP engine's loop ops (attacks._CompiledLoop's step / fooled_batch / sgd_step, same semantics) in
-    numpy over a model that gives log-probabilities and loss gradients as arrays (an ONNX adapter)."""
+    """The UAP engine's loop ops (attacks._CompiledLoop's step / fooled_batch / accepted_batch / scan / sgd_step,
+    same semantics) in numpy over a model that gives log-probabilities and loss gradients as arrays (ONNX)."""
 
     def __init__(self, model, norm: str, clip: bool, targeted: bool):
         from ..attacks import GRAD_NORM_FLOOR, project  # the engine's own; imported late: attacks imports adapters
@@ -503,8 +503,17 @@ class ArrayUAPLoop:
         pred = np.argmax(self._model.log_probs(x_adv), axis=1)
         return np.asarray(self._fooled(pred, np.asarray(y)), bool).view(_HostMask)
 
-    def sgd_step(self, x, rho, y, alpha, xi, loss_cap):
-        """One projected signed / normalised step on the batch-mean (capped) cross-entropy w.r.t. rho."""
+    def scan(self, x, rho, y, eps, probe):
+        """Statuses of a window, and acceptance of the steps of its first `probe` unfooled images."""
+        is_fooled = self.fooled_batch(x, rho, y)
+        candidates = np.flatnonzero(~is_fooled)[:probe]
+        accepted = (self.accepted_batch(x[candidates], rho, np.asarray(y)[candidates], eps) if len(candidates)
+                    else np.zeros(0, bool).view(_HostMask))
+        return is_fooled, candidates.view(_HostMask), accepted
+
+    def sgd_step(self, x, rho, velocity, y, alpha, xi, loss_cap, momentum):
+        """One projected signed / normalised step along the momentum of the batch-mean (capped) cross-entropy's
+        scale-free gradients w.r.t. rho -> (rho, velocity, whether each image was fooled before the step)."""
         v = x + rho
         log_probs, g = self._model.log_probs_and_gradient(self._perturbed(v), y)
         ce = -log_probs[np.arange(len(y)), y]
@@ -512,4 +521,6 @@ class ArrayUAPLoop:
         if self._clip:  # clip_by_value passes the gradient on [0, 1], bounds included
             g = g * ((v >= 0) & (v <= 1))
         grad = np.tensordot(weight / np.float32(len(y)), g, axes=1)
-        return self._project(rho + alpha * self._direction(grad), self._norm, xi)
+        velocity = momentum * velocity + grad / np.maximum(np.max(np.abs(grad)), self._floor)
+        was_fooled = self._fooled(np.argmax(log_probs, axis=1), np.asarray(y))
+        return self._project(rho + alpha * self._direction(velocity), self._norm, xi), velocity, was_fooled
