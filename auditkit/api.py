@@ -44,6 +44,8 @@ def run(model: str | Path | ModelAdapter, policy: str | Path | Policy, out_dir: 
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise AuditkitError(f"must be a non-negative integer, got {seed!r}", "seed")
         policy = policy.model_copy(update={"seed": seed})
+    if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
+        raise AuditkitError(f"must be a positive integer, got {jobs!r}", "jobs")
     adapter = model if isinstance(model, ModelAdapter) else load_model(model, spec_overrides)
     surrogate_model = load_model(surrogate) if surrogate is not None else None
     if any(g.algorithm != "blackbox" for g in policy.attacks):

@@ -5,6 +5,7 @@ is attacked by the same compiled loop.
 """
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -16,6 +17,7 @@ from .models.adapters import TFAdapter
 NORMS = ("2", "inf")
 GRAD_NORM_FLOOR = 1e-12
 MAX_WINDOW = 256  # speculative look-ahead, images per batched check
+_LOOPS_LOCK = threading.Lock()
 MIN_PROBE = 4  # batched step probes only where about this many steps are rejected per accepted one
 
 
@@ -200,12 +202,13 @@ class _CompiledLoop:
 
 def _compiled(model: TFAdapter, norm: str, clip: bool, targeted: bool) -> _CompiledLoop:
     """The loop ops for this model: traced TF for a TF adapter, else the adapter's own (`uap_loop`, e.g. ONNX)."""
-    cache = model.__dict__.setdefault("_uap_loops", {})
     key = (norm, clip, targeted)
-    if key not in cache:
-        cache[key] = (_CompiledLoop(model, norm, clip, targeted) if isinstance(model, TFAdapter)
-                      else model.uap_loop(norm, clip, targeted))
-    return cache[key]
+    with _LOOPS_LOCK:  # concurrent cells share one loop object, so its graphs are traced once
+        cache = model.__dict__.setdefault("_uap_loops", {})
+        if key not in cache:
+            cache[key] = (_CompiledLoop(model, norm, clip, targeted) if isinstance(model, TFAdapter)
+                          else model.uap_loop(norm, clip, targeted))
+        return cache[key]
 
 
 def _prepare(model: TFAdapter, images: np.ndarray, criterion: Criterion, clean_pred: np.ndarray | None, norm: str,
@@ -241,14 +244,15 @@ class _LookAhead:
         return int(min(MAX_WINDOW, max(probe, round(probe / max(self.unfooled, 1e-3)))))
 
     def checked(self, n: int, unfooled: int) -> None:
-        if n:
-            w = 1.0 - 0.95**n  # each image weighs 5%
-            self.unfooled += w * (unfooled / n - self.unfooled)
+        self.unfooled = _running(self.unfooled, n, unfooled)
 
     def stepped(self, n: int, accepted: int) -> None:
-        if n:
-            w = 1.0 - 0.95**n
-            self.accept += w * (accepted / n - self.accept)
+        self.accept = _running(self.accept, n, accepted)
+
+
+def _running(estimate: float, n: int, count: int) -> float:
+    """An exponential running share updated with `count` of `n` new observations, each weighing 5%."""
+    return estimate + (1.0 - 0.95**n) * (count / n - estimate) if n else estimate
 
 
 @dataclass
@@ -337,7 +341,7 @@ class UAPAttack:
             unseen = not self.speculative  # whether only the single-image step below sees whether j is fooled
             if self.speculative:
                 probe = ahead.probe(self.batch_size)
-                known = valid[order[i:]]
+                known = valid[order[i : i + MAX_WINDOW]]
                 run = len(known) if known.all() else int(np.argmin(known))  # statuses known without a model call
                 if run:
                     idx = order[i : i + run]

@@ -307,3 +307,17 @@ def test_blackbox_algorithm_runs_from_a_policy_and_counts_queries(tmp_path, tiny
     for c in bb:  # 60 images in batches of 20, 2 antithetic pairs per image per step, 2 epochs (+ evaluations)
         assert c["queries"] >= 2 * 3 * (2 * 2 * 20) and c["algorithm_settings"]["low_res"] == 8
     assert "Algorithm “blackbox”" in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_jobs_must_be_a_positive_integer(tmp_path, tiny_model, phantom_manifest):
+    from auditkit import api
+    from auditkit.errors import AuditkitError
+
+    policy = write_policy(tmp_path / "policy.yaml")
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(AuditkitError, match=f"jobs: must be a positive integer, got {bad!r}"):
+            api.run(tiny_model, policy, tmp_path / "out", data=phantom_manifest, jobs=bad)
+    code, output = run_cli("run", "--model", tiny_model, "--policy", policy, "--data", phantom_manifest,
+                           "--out", tmp_path / "out", "--jobs", "0")
+    assert code == 2 and "--jobs" in output and "Traceback" not in output
+    assert not (tmp_path / "out").exists()
