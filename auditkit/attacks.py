@@ -162,15 +162,31 @@ class _CompiledLoop:
             x_adv = perturbed(x + rho + (-eps if targeted else eps) * direction)
             return fooled(tf.argmax(model.tf_log_probs(x_adv), axis=1, output_type=tf.int32), y)
 
-        def scan(x, rho, y, eps, probe):
-            """Whether each image of a window is fooled, and whether the steps of its first `probe` unfooled images
-            would be accepted: all the look-ahead needs after rho moved, in one call."""
+        def no_step(rho):
+            return rho, tf.constant(False), tf.constant(False)
+
+        def probe_step(x, rho, y, xi, eps):
+            """Whether each candidate's step from rho would be accepted (batched), and the single-image `step` of the
+            first one that would: the step the loop takes there, in the same call."""
+            accepted = accepted_batch(x, rho, y, eps)
+            first = tf.argmax(tf.cast(accepted, tf.int32), output_type=tf.int32)
+            return (accepted, *tf.cond(tf.reduce_any(accepted), lambda: self.step(x[first], rho, y[first], xi, eps),
+                                       lambda: no_step(rho)))
+
+        def scan(x, rho, y, xi, eps, probe):
+            """Whether each image of a window is fooled, and `probe_step` on its first `probe` unfooled images: all
+            the look-ahead needs after rho moved, in one call."""
             is_fooled = fooled_batch(x, rho, y)
             candidates = tf.cast(tf.where(tf.logical_not(is_fooled))[:probe, 0], tf.int32)
-            accepted = tf.cond(tf.size(candidates) > 0,
-                               lambda: accepted_batch(tf.gather(x, candidates), rho, tf.gather(y, candidates), eps),
-                               lambda: tf.zeros([0], tf.bool))
-            return is_fooled, candidates, accepted
+            probed = tf.cond(tf.size(candidates) > 0,
+                             lambda: probe_step(tf.gather(x, candidates), rho, tf.gather(y, candidates), xi, eps),
+                             lambda: (tf.zeros([0], tf.bool), *no_step(rho)))
+            return (is_fooled, candidates, *probed)
+
+        def step_ahead(x, rho, y, xi, eps, window, window_y):
+            """`step` on one image and, independent of it (TF runs the two side by side), whether each image of
+            `window` is fooled under the same rho: statuses that still hold unless the step is accepted."""
+            return (*self.step(x, rho, y, xi, eps), fooled_batch(window, rho, window_y))
 
         def sgd_step(x, rho, velocity, y, alpha, xi, loss_cap, momentum):
             """One stochastic PGD step on a mini-batch: ascend the batch-mean (capped) cross-entropy along the
@@ -190,14 +206,17 @@ class _CompiledLoop:
             return project_tf(rho + alpha * direction, xi), velocity, was_fooled
 
         batch = tf.TensorSpec([None, size, size], tf.float32)
-        self.step = tf.function(step, input_signature=[plane, plane, tf.TensorSpec([], tf.int32), scalar, scalar])
+        self.step = tf.function(step, input_signature=[plane, plane, tf.TensorSpec([], tf.int32), scalar, scalar],
+                                experimental_attributes={"_noinline": True})
         self.sgd_step = tf.function(sgd_step, input_signature=[batch, plane, plane, tf.TensorSpec([None], tf.int32),
                                                                scalar, scalar, scalar, scalar])
         self.fooled_batch = tf.function(fooled_batch, input_signature=[batch, plane, tf.TensorSpec([None], tf.int32)])
-        self.accepted_batch = tf.function(accepted_batch, input_signature=[batch, plane, tf.TensorSpec([None], tf.int32),
-                                                                           scalar])
-        self.scan = tf.function(scan, input_signature=[batch, plane, tf.TensorSpec([None], tf.int32), scalar,
+        self.probe_step = tf.function(probe_step, input_signature=[batch, plane, tf.TensorSpec([None], tf.int32),
+                                                                   scalar, scalar])
+        self.scan = tf.function(scan, input_signature=[batch, plane, tf.TensorSpec([None], tf.int32), scalar, scalar,
                                                        tf.TensorSpec([], tf.int32)])
+        self.step_ahead = tf.function(step_ahead, input_signature=[plane, plane, tf.TensorSpec([], tf.int32), scalar,
+                                                                   scalar, batch, tf.TensorSpec([None], tf.int32)])
 
 
 def _compiled(model: TFAdapter, norm: str, clip: bool, targeted: bool) -> _CompiledLoop:
@@ -236,10 +255,6 @@ class _LookAhead:
         run = round(1.0 / max(self.accept, 1e-3))
         return int(min(cap, run)) if run >= MIN_PROBE else 1
 
-    def skips(self) -> bool:
-        """Whether enough upcoming images are fooled already that checking a window in one call pays off."""
-        return self.unfooled <= 0.5
-
     def window(self, probe: int) -> int:
         return int(min(MAX_WINDOW, max(probe, round(probe / max(self.unfooled, 1e-3)))))
 
@@ -265,7 +280,8 @@ class UAPAttack:
     loop would; the accepted image itself is then stepped by the plain loop's single-image call, and the window
     resumes after it. Statuses stay known until rho moves (the per-pass evaluation supplies them for the start of
     the next pass), and window and probe sizes follow running estimates of how many images are unfooled and how
-    many steps are accepted. The result equals the plain loop's.
+    many steps are accepted. The result equals the plain loop's. Both stop after a pass that accepts no step (every
+    later pass would repeat it), as well as at a crafting rate of 1 - delta or after max_iter passes.
     """
 
     norm: str
@@ -309,7 +325,8 @@ class UAPAttack:
             if self.speculative and pass_no == 1:
                 self._complete(model, images, labels, rho, targeted, status, valid)
             order = rng.permutation(n)
-            rho, pass_steps = self._one_pass(loop, images, labels, order, rho, xi, eps, pass_no, status, valid, ahead)
+            rho, pass_steps, moved = self._one_pass(loop, images, labels, order, rho, xi, eps, pass_no, status, valid,
+                                                    ahead)
             steps += pass_steps
             visited += n
             self._complete(model, images, labels, rho, targeted, status, valid)
@@ -317,7 +334,9 @@ class UAPAttack:
             rates.append(rate)
             if self.progress:
                 self.progress(pass_no, n, n, rate)
-            if rate >= 1.0 - self.delta:
+            # A pass that accepted no step saw one rho throughout, and every image's outcome depends only on rho:
+            # each later pass would repeat it, whatever its order, so stopping here gives the same rho and rate.
+            if rate >= 1.0 - self.delta or not moved:
                 break
         return CraftResult(rho, len(rates), rates, visited, steps, time.perf_counter() - start)
 
@@ -330,37 +349,38 @@ class UAPAttack:
         valid[:] = self.speculative
 
     def _one_pass(self, loop: _CompiledLoop, images, labels, order, rho, xi, eps, pass_no, status, valid, ahead):
-        """One pass over `order`. Speculative: look-ahead checks fill `status` where not `valid`; an accepted step
-        (rho moves) invalidates every status."""
-        n, i, steps, shown = len(order), 0, 0, -1
+        """One pass over `order`: (rho, gradient steps, whether any step was accepted). Speculative: look-ahead
+        checks fill `status` where not `valid`; an accepted step (rho moves) invalidates every status."""
+        n, i, steps, shown, moved = len(order), 0, 0, -1, False
         while i < n:
             if self.progress and i // 64 > shown:
                 shown = i // 64
                 self.progress(pass_no, i, n, None)
             probed = 0  # unfooled images whose step the look-ahead found rejected, before the one stepped below
             unseen = not self.speculative  # whether only the single-image step below sees whether j is fooled
+            side = order[:0]  # images checked side by side with the step below
+            stepped = None  # the step below, when the look-ahead's call already took it
             if self.speculative:
                 probe = ahead.probe(self.batch_size)
                 known = valid[order[i : i + MAX_WINDOW]]
                 run = len(known) if known.all() else int(np.argmin(known))  # statuses known without a model call
                 if run:
                     idx = order[i : i + run]
-                    candidates = np.flatnonzero(~status[idx])[:probe]
-                    accepted = (loop.accepted_batch(images[idx[candidates]], rho, labels[idx[candidates]], eps).numpy()
-                                if probe > 1 and len(candidates) else None)
+                    candidates, accepted = np.flatnonzero(~status[idx])[:probe], None
+                    if probe > 1 and len(candidates):
+                        accepted, *stepped = loop.probe_step(images[idx[candidates]], rho, labels[idx[candidates]],
+                                                             xi, eps)
+                        accepted = accepted.numpy()
                 elif probe > 1:
                     idx = order[i : i + ahead.window(probe)]
-                    is_fooled, candidates, accepted = (t.numpy() for t in loop.scan(
-                        images[idx], rho, labels[idx], eps, np.int32(probe)))
+                    is_fooled, candidates, accepted, *stepped = loop.scan(images[idx], rho, labels[idx], xi, eps,
+                                                                          np.int32(probe))
+                    is_fooled, candidates, accepted = is_fooled.numpy(), candidates.numpy(), accepted.numpy()
                     status[idx], valid[idx] = is_fooled, True
                     ahead.checked(len(idx), len(idx) - int(is_fooled.sum()))
-                elif ahead.skips():
-                    idx = order[i : i + ahead.window(1)]
-                    status[idx], valid[idx] = loop.fooled_batch(images[idx], rho, labels[idx]).numpy(), True
-                    ahead.checked(len(idx), int(np.sum(~status[idx])))
-                    candidates, accepted = np.flatnonzero(~status[idx])[:1], None
-                else:  # the single-image step checks the image itself
+                else:  # steps accepted often: the step below checks this image itself, and the next few beside it
                     idx, candidates, accepted, unseen = order[i : i + 1], np.zeros(1, int), None, True
+                    side = order[i + 1 : i + 1 + ahead.window(1)]
                 if not len(candidates):
                     i += len(idx)
                     continue
@@ -374,8 +394,18 @@ class UAPAttack:
                 steps += probed
                 i += int(candidates[probed])
             j = order[i]  # plain loop, or the first image whose step the look-ahead did not find rejected
-            rho, unfooled, accepted_here = loop.step(images[j], rho, labels[j], xi, eps)
+            if stepped is not None:
+                rho, unfooled, accepted_here = stepped
+            elif len(side):
+                rho, unfooled, accepted_here, side_fooled = loop.step_ahead(images[j], rho, labels[j], xi, eps,
+                                                                           images[side], labels[side])
+                if not accepted_here:  # rho stayed, so the side statuses hold
+                    status[side], valid[side] = np.asarray(side_fooled), True
+                    ahead.checked(len(side), int(np.sum(~status[side])))
+            else:
+                rho, unfooled, accepted_here = loop.step(images[j], rho, labels[j], xi, eps)
             steps += int(unfooled)
+            moved = moved or bool(accepted_here)
             if self.speculative:
                 ahead.stepped(probed + int(bool(unfooled)), int(bool(accepted_here)))
                 if unseen:
@@ -385,7 +415,7 @@ class UAPAttack:
                 elif accepted_here:
                     valid[:] = False
             i += 1
-        return np.asarray(rho, np.float32), steps
+        return np.asarray(rho, np.float32), steps, moved
 
 
 @dataclass

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # as auditkit's configure_tensorflow sets it
 
 CLASSES = ("normal", "pneumonia", "COVID-19")
 TINY_SIZE = 32

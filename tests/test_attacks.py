@@ -101,6 +101,24 @@ def test_engine_matches_numpy_oracle(reg, norm, zeta, eps, target, clip):
         np.testing.assert_allclose(result.rho, expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("norm,eps", [("inf", 0.01), ("2", 0.05)])
+@pytest.mark.parametrize("target", [None, 1])
+def test_a_pass_that_accepts_no_step_ends_the_loop_with_the_oracles_uap(reg, norm, eps, target):
+    """Once a pass accepts no step, every later pass would repeat it: stopping gives the all-passes UAP."""
+    oracle, adapter, X = reg
+    xi, _ = xi_for(X, norm, 0.08)
+    max_iter = 40
+    expected = oracle_uap(oracle, X.astype(np.float64), norm, xi, eps, max_iter, 1e-6, True, target,
+                          np.random.default_rng(5))
+    criterion = Nontargeted() if target is None else Targeted(target)
+    for speculative in (False, True):
+        result = UAPAttack(norm=norm, xi=xi, eps=eps, max_iter=max_iter, speculative=speculative).craft(
+            adapter, X, criterion, np.random.default_rng(5))
+        assert 1 < result.passes < max_iter and result.rates[-1] < 1.0, "the loop did not stop at a fixed point"
+        assert result.rates[-1] == result.rates[-2], "the last pass moved rho, so the loop should have gone on"
+        np.testing.assert_allclose(result.rho, expected, atol=1e-5)
+
+
 @pytest.mark.parametrize("norm", ["inf", "2"])
 @pytest.mark.parametrize("target", [None, 1])
 def test_speculative_equals_plain_bit_for_bit(reg, norm, target):
