@@ -217,3 +217,34 @@ def test_sgd_mode_stays_in_the_ball_is_seeded_and_beats_random(reg, norm, target
     two, one = whole.craft(adapter, X, criterion, np.random.default_rng(4)), dataclasses.replace(
         whole, epochs=1).craft(adapter, X, criterion, np.random.default_rng(4))
     assert two.rates == pytest.approx([success(np.zeros_like(a.rho)), success(one.rho)])
+
+
+@pytest.mark.parametrize("norm", ["inf", "2"])
+def test_every_fused_call_steps_with_the_single_image_steps_bits(tiny_model, phantom_manifest, norm):
+    """The look-ahead's fused calls (step beside a batched check; batched probe then step) must give the standalone
+    single-image step's rho bit for bit, or the speculative loop drifts from the plain one."""
+    from auditkit.attacks import _compiled
+    from auditkit.data import Preprocess, load_dataset
+    from auditkit.models import load_model
+
+    adapter = load_model(str(tiny_model))
+    X = load_dataset(phantom_manifest, adapter.classes, preprocess=Preprocess(size=adapter.spec.input_size),
+                     cache_dir=False).subset("train").floats()
+    y = adapter.predict(X).astype(np.int32)
+    loop = _compiled(adapter, norm, True, False)
+    xi, _ = xi_for(X, norm, 0.1)
+    xi, eps = np.float32(xi), np.float32(0.05 if norm == "inf" else 1.0)
+    rng = np.random.default_rng(0)
+    accepted = 0
+    for _ in range(60):
+        j = int(rng.integers(len(X)))
+        rho = project(rng.uniform(-1, 1, X.shape[1:]).astype(np.float32), norm, float(xi) * rng.random())
+        expected, _, was_accepted = (t.numpy() for t in loop.step(X[j], rho, y[j], xi, eps))
+        accepted += bool(was_accepted)
+        window = rng.integers(len(X), size=3)
+        beside = loop.step_ahead(X[j], rho, y[j], xi, eps, X[window], y[window])
+        assert np.array_equal(beside[0].numpy(), expected) and bool(beside[2]) == bool(was_accepted)
+        probed = loop.probe_step(X[j : j + 1], rho, y[j : j + 1], xi, eps)
+        if bool(probed[0].numpy()[0]) and was_accepted:
+            assert np.array_equal(probed[1].numpy(), expected)
+    assert accepted >= 10, "too few accepted steps for the comparison to mean anything"
