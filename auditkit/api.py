@@ -120,10 +120,13 @@ class _StepProgress:
 
 def rerender(results_json: str | Path, out_dir: str | Path | None = None,
              formats: Sequence[str] = ("html", "pdf", "junit")) -> dict[str, Path]:
-    """Rebuild the reports from results.json (and the UAPs beside it) without recomputing anything."""
+    """Rebuild the reports from results.json (and the UAPs beside it) without recomputing anything; a run
+    directory stands for the results.json in it."""
     from .report import write_reports
 
     results_json = Path(results_json)
+    if results_json.is_dir():
+        results_json = results_json / "results.json"
     result = read_json(results_json)
     run_dir = results_json.parent
     target = Path(out_dir) if out_dir else run_dir

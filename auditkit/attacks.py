@@ -116,12 +116,17 @@ class _CompiledLoop:
                 return tf.clip_by_value(v, -xi, xi)
             return v * tf.minimum(1.0, xi / tf.maximum(tf.norm(v), 1e-30))
 
-        def step(x, rho, y, xi, eps):
-            """Check, gradient, step, check, project: one visited image in one graph call.
+        def step(x, rho, y, xi, eps, window, window_y):
+            """Check, gradient, step, check, project: one visited image in one graph call. The check and the
+            gradient share one forward pass; the backward pass runs only for an image not yet fooled.
 
-            The check and the gradient share one forward pass; the backward pass runs only for an image not yet
-            fooled.
+            Also, independent of it (TF runs the two side by side), whether each image of `window` (may be empty) is
+            fooled under the same rho: statuses that still hold unless the step is accepted. Every single-image step
+            goes through this one graph: inlined into other graphs, the step was optimised differently and rounded
+            the last bit of rho differently in about 2% of steps.
             """
+            side = tf.cond(tf.size(window_y) > 0, lambda: fooled_batch(window, rho, window_y),
+                           lambda: tf.zeros([0], tf.bool))
             xr = perturbed(x + rho)[None]
             with tf.GradientTape() as tape:
                 tape.watch(xr)
@@ -142,7 +147,7 @@ class _CompiledLoop:
                 return tf.cond(success, lambda: project_tf(x_adv - x, xi), lambda: rho), success
 
             new_rho, accepted = tf.cond(already, lambda: (rho, tf.constant(False)), attack)
-            return new_rho, tf.logical_not(already), accepted
+            return new_rho, tf.logical_not(already), accepted, side
 
         def fooled_batch(x, rho, y):
             pred = tf.argmax(model.tf_log_probs(perturbed(x + rho)), axis=1, output_type=tf.int32)
@@ -162,31 +167,15 @@ class _CompiledLoop:
             x_adv = perturbed(x + rho + (-eps if targeted else eps) * direction)
             return fooled(tf.argmax(model.tf_log_probs(x_adv), axis=1, output_type=tf.int32), y)
 
-        def no_step(rho):
-            return rho, tf.constant(False), tf.constant(False)
-
-        def probe_step(x, rho, y, xi, eps):
-            """Whether each candidate's step from rho would be accepted (batched), and the single-image `step` of the
-            first one that would: the step the loop takes there, in the same call."""
-            accepted = accepted_batch(x, rho, y, eps)
-            first = tf.argmax(tf.cast(accepted, tf.int32), output_type=tf.int32)
-            return (accepted, *tf.cond(tf.reduce_any(accepted), lambda: single(x[first], rho, y[first], xi, eps),
-                                       lambda: no_step(rho)))
-
-        def scan(x, rho, y, xi, eps, probe):
-            """Whether each image of a window is fooled, and `probe_step` on its first `probe` unfooled images: all
-            the look-ahead needs after rho moved, in one call."""
+        def scan(x, rho, y, eps, probe):
+            """Whether each image of a window is fooled, and whether the steps of its first `probe` unfooled images
+            would be accepted: all the look-ahead needs after rho moved, in one call."""
             is_fooled = fooled_batch(x, rho, y)
             candidates = tf.cast(tf.where(tf.logical_not(is_fooled))[:probe, 0], tf.int32)
-            probed = tf.cond(tf.size(candidates) > 0,
-                             lambda: probe_step(tf.gather(x, candidates), rho, tf.gather(y, candidates), xi, eps),
-                             lambda: (tf.zeros([0], tf.bool), *no_step(rho)))
-            return (is_fooled, candidates, *probed)
-
-        def step_ahead(x, rho, y, xi, eps, window, window_y):
-            """`step` on one image and, independent of it (TF runs the two side by side), whether each image of
-            `window` is fooled under the same rho: statuses that still hold unless the step is accepted."""
-            return (*single(x, rho, y, xi, eps), fooled_batch(window, rho, window_y))
+            accepted = tf.cond(tf.size(candidates) > 0,
+                               lambda: accepted_batch(tf.gather(x, candidates), rho, tf.gather(y, candidates), eps),
+                               lambda: tf.zeros([0], tf.bool))
+            return is_fooled, candidates, accepted
 
         def sgd_step(x, rho, velocity, y, alpha, xi, loss_cap, momentum):
             """One stochastic PGD step on a mini-batch: ascend the batch-mean (capped) cross-entropy along the
@@ -206,20 +195,15 @@ class _CompiledLoop:
             return project_tf(rho + alpha * direction, xi), velocity, was_fooled
 
         batch = tf.TensorSpec([None, size, size], tf.float32)
-        step_signature = [plane, plane, tf.TensorSpec([], tf.int32), scalar, scalar]
-        # One function for the single-image step, called (not inlined) by every graph that steps: inlined into a
-        # larger graph, it was optimised differently and rounded the last bit of rho differently in 2% of steps.
-        single = tf.function(step, input_signature=step_signature, experimental_attributes={"_noinline": True})
-        self.step = tf.function(lambda x, rho, y, xi, eps: single(x, rho, y, xi, eps), input_signature=step_signature)
+        self.step = tf.function(step, input_signature=[plane, plane, tf.TensorSpec([], tf.int32), scalar, scalar,
+                                                       batch, tf.TensorSpec([None], tf.int32)])
         self.sgd_step = tf.function(sgd_step, input_signature=[batch, plane, plane, tf.TensorSpec([None], tf.int32),
                                                                scalar, scalar, scalar, scalar])
         self.fooled_batch = tf.function(fooled_batch, input_signature=[batch, plane, tf.TensorSpec([None], tf.int32)])
-        self.probe_step = tf.function(probe_step, input_signature=[batch, plane, tf.TensorSpec([None], tf.int32),
-                                                                   scalar, scalar])
-        self.scan = tf.function(scan, input_signature=[batch, plane, tf.TensorSpec([None], tf.int32), scalar, scalar,
+        self.accepted_batch = tf.function(accepted_batch, input_signature=[batch, plane, tf.TensorSpec([None], tf.int32),
+                                                                           scalar])
+        self.scan = tf.function(scan, input_signature=[batch, plane, tf.TensorSpec([None], tf.int32), scalar,
                                                        tf.TensorSpec([], tf.int32)])
-        self.step_ahead = tf.function(step_ahead, input_signature=[plane, plane, tf.TensorSpec([], tf.int32), scalar,
-                                                                   scalar, batch, tf.TensorSpec([None], tf.int32)])
 
 
 def _compiled(model: TFAdapter, norm: str, clip: bool, targeted: bool) -> _CompiledLoop:
@@ -362,23 +346,19 @@ class UAPAttack:
             probed = 0  # unfooled images whose step the look-ahead found rejected, before the one stepped below
             unseen = not self.speculative  # whether only the single-image step below sees whether j is fooled
             side = order[:0]  # images checked side by side with the step below
-            stepped = None  # the step below, when the look-ahead's call already took it
             if self.speculative:
                 probe = ahead.probe(self.batch_size)
                 known = valid[order[i : i + MAX_WINDOW]]
                 run = len(known) if known.all() else int(np.argmin(known))  # statuses known without a model call
                 if run:
                     idx = order[i : i + run]
-                    candidates, accepted = np.flatnonzero(~status[idx])[:probe], None
-                    if probe > 1 and len(candidates):
-                        accepted, *stepped = loop.probe_step(images[idx[candidates]], rho, labels[idx[candidates]],
-                                                             xi, eps)
-                        accepted = accepted.numpy()
+                    candidates = np.flatnonzero(~status[idx])[:probe]
+                    accepted = (loop.accepted_batch(images[idx[candidates]], rho, labels[idx[candidates]], eps).numpy()
+                                if probe > 1 and len(candidates) else None)
                 elif probe > 1:
                     idx = order[i : i + ahead.window(probe)]
-                    is_fooled, candidates, accepted, *stepped = loop.scan(images[idx], rho, labels[idx], xi, eps,
-                                                                          np.int32(probe))
-                    is_fooled, candidates, accepted = is_fooled.numpy(), candidates.numpy(), accepted.numpy()
+                    is_fooled, candidates, accepted = (t.numpy() for t in loop.scan(
+                        images[idx], rho, labels[idx], eps, np.int32(probe)))
                     status[idx], valid[idx] = is_fooled, True
                     ahead.checked(len(idx), len(idx) - int(is_fooled.sum()))
                 else:  # steps accepted often: the step below checks this image itself, and the next few beside it
@@ -397,16 +377,11 @@ class UAPAttack:
                 steps += probed
                 i += int(candidates[probed])
             j = order[i]  # plain loop, or the first image whose step the look-ahead did not find rejected
-            if stepped is not None:
-                rho, unfooled, accepted_here = stepped
-            elif len(side):
-                rho, unfooled, accepted_here, side_fooled = loop.step_ahead(images[j], rho, labels[j], xi, eps,
-                                                                           images[side], labels[side])
-                if not accepted_here:  # rho stayed, so the side statuses hold
-                    status[side], valid[side] = np.asarray(side_fooled), True
-                    ahead.checked(len(side), int(np.sum(~status[side])))
-            else:
-                rho, unfooled, accepted_here = loop.step(images[j], rho, labels[j], xi, eps)
+            rho, unfooled, accepted_here, side_fooled = loop.step(images[j], rho, labels[j], xi, eps, images[side],
+                                                                  labels[side])
+            if len(side) and not accepted_here:  # rho stayed, so the side statuses hold
+                status[side], valid[side] = np.asarray(side_fooled), True
+                ahead.checked(len(side), int(np.sum(~status[side])))
             steps += int(unfooled)
             moved = moved or bool(accepted_here)
             if self.speculative:

@@ -214,7 +214,8 @@ def harden_cmd(
 @app.command()
 @_guarded
 def report(
-    results: Path = typer.Argument(..., help="results.json of an earlier run (uaps/ and samples/ beside it)."),
+    results: Path = typer.Argument(..., help="results.json of an earlier run (uaps/ and samples/ beside it), or "
+                                             "its run directory."),
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write (default: beside results)."),
     formats: Optional[str] = typer.Option("html,pdf,junit", "--formats"),
 ):

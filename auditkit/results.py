@@ -270,6 +270,8 @@ def read_json(path: Path) -> AuditResult:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise AuditkitError("file not found", str(path)) from None
+    except OSError as exc:
+        raise AuditkitError(f"cannot read ({exc.strerror or exc})", str(path)) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AuditkitError(f"not valid JSON ({exc})", str(path)) from None
     return from_dict(data, str(path))

@@ -169,10 +169,9 @@ def main(argv=None) -> None:
     loop = _compiled(adapter, "inf", True, False)
     w, rho0, y0 = craft[:4], np.zeros(craft.shape[1:], np.float32), np.zeros(4, np.int32)
     f32 = np.float32
-    loop.step(w[0], rho0, 0, f32(xi), f32(args.eps))
-    loop.fooled_batch(w, rho0, y0), loop.probe_step(w, rho0, y0, f32(xi), f32(args.eps))
-    loop.scan(w, rho0, y0, f32(xi), f32(args.eps), np.int32(2))
-    loop.step_ahead(w[0], rho0, 0, f32(xi), f32(args.eps), w[1:], y0[1:])
+    loop.step(w[0], rho0, 0, f32(xi), f32(args.eps), w[1:], y0[1:])
+    loop.fooled_batch(w, rho0, y0), loop.accepted_batch(w, rho0, y0, f32(args.eps))
+    loop.scan(w, rho0, y0, f32(args.eps), np.int32(2))
     loop.sgd_step(w, rho0, rho0, y0, f32(xi), f32(xi), f32(3), f32(0.9))
 
     def art_run(images=craft, passes=args.passes):

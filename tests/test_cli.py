@@ -123,6 +123,12 @@ def test_report_command_reproduces_the_html(passing_run, tmp_path):
     code, output = run_cli("report", d / "out" / "results.json", "--out", tmp_path / "again", "--formats", "html")
     assert code == 0, output
     assert (tmp_path / "again" / "report.html").read_text() == (d / "out" / "report.html").read_text()
+    code, output = run_cli("report", d / "out", "--out", tmp_path / "from-dir", "--formats", "html")
+    assert code == 0, output  # the run directory stands for its results.json
+    assert (tmp_path / "from-dir" / "report.html").read_text() == (d / "out" / "report.html").read_text()
+    (tmp_path / "empty").mkdir()
+    code, output = run_cli("report", tmp_path / "empty")
+    assert code == 2 and "results.json" in output and "file not found" in output and "Traceback" not in output
 
 
 def test_same_inputs_give_the_same_uaps_and_json(passing_run, tiny_model, phantom_manifest):

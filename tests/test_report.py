@@ -151,6 +151,18 @@ def test_html_shows_verdict_rules_and_rates(tmp_path):
     assert html.count("data:image/png;base64,") == 7  # clean, and per cell confusion, UAP and examples
 
 
+def test_crafting_record_flags_a_uap_that_never_moved(tmp_path):
+    """A zero UAP (no step ever accepted, e.g. an L2 eps far below the budget) passes any rule: the report says so."""
+    import dataclasses
+
+    result = make_result(tmp_path)
+    flag = "no step accepted: ρ = 0"
+    assert flag not in report.render_html(result, tmp_path)
+    still = dataclasses.replace(result.cells[1], uap_norm_l2=0.0, uap_norm_linf=0.0, passes=1, crafting_rates=[0.0])
+    html = report.render_html(dataclasses.replace(result, cells=[result.cells[0], still]), tmp_path)
+    assert html.count(flag) == 1
+
+
 def test_html_without_synthetic_data_has_no_warning(tmp_path):
     html = report.render_html(make_result(tmp_path, synthetic=False), tmp_path)
     assert 'class="warning"' not in html and NOTICE not in html

@@ -456,9 +456,8 @@ class _HostMask(np.ndarray):
 
 
 class ArrayUAPLoop:
-    """The UAP engine's loop ops (attacks._CompiledLoop's step / step_ahead / probe_step / fooled_batch / scan /
-    sgd_step, same semantics) in numpy over a model that gives log-probabilities and loss gradients as arrays
-    (ONNX)."""
+    """The UAP engine's loop ops (attacks._CompiledLoop's step / fooled_batch / accepted_batch / scan / sgd_step,
+    same semantics) in numpy over a model that gives log-probabilities and loss gradients as arrays (ONNX)."""
 
     def __init__(self, model, norm: str, clip: bool, targeted: bool):
         from ..attacks import GRAD_NORM_FLOOR, project  # the engine's own; imported late: attacks imports adapters
@@ -477,34 +476,25 @@ class ArrayUAPLoop:
             return np.sign(g)
         return g / np.maximum(np.linalg.norm(g), self._floor)
 
-    def step(self, x, rho, y, xi, eps):
-        """Check, gradient, step, check, project for one visited image -> (rho, was unfooled, accepted)."""
+    def step(self, x, rho, y, xi, eps, window, window_y):
+        """Check, gradient, step, check, project for one visited image, and whether each image of `window` is
+        fooled under the same rho -> (rho, was unfooled, accepted, window statuses)."""
+        side = self.fooled_batch(window, rho, window_y) if len(window) else np.zeros(0, bool)
         xr = self._perturbed(x + rho)[None]
         if self._fooled(int(np.argmax(self._model.log_probs(xr)[0])), y):
-            return rho, False, False
+            return rho, False, False, side
         _, g = self._model.log_probs_and_gradient(xr, np.asarray([y]))
         # x + (rho + step): the order TF's graph optimizer gives the traced loop, so the two agree bit for bit
         x_adv = self._perturbed(x + (rho + (-eps if self._targeted else eps) * self._direction(g[0])))
         success = bool(self._fooled(int(np.argmax(self._model.log_probs(x_adv[None])[0])), y))
-        return (self._project(x_adv - x, self._norm, xi) if success else rho), True, success
-
-    def step_ahead(self, x, rho, y, xi, eps, window, window_y):
-        return (*self.step(x, rho, y, xi, eps), self.fooled_batch(window, rho, window_y))
+        return (self._project(x_adv - x, self._norm, xi) if success else rho), True, success, side
 
     def fooled_batch(self, x, rho, y) -> _HostMask:
         pred = np.argmax(self._model.log_probs(self._perturbed(x + rho)), axis=1)
         return np.asarray(self._fooled(pred, np.asarray(y)), bool).view(_HostMask)
 
-    def probe_step(self, x, rho, y, xi, eps):
-        """Whether each (not yet fooled) image's step from rho would be accepted, batched, and `step` on the first
-        one that would."""
-        accepted = self._accepted_batch(x, rho, y, eps)
-        if not accepted.any():
-            return accepted, rho, False, False
-        first = int(np.argmax(accepted))
-        return (accepted, *self.step(x[first], rho, np.asarray(y)[first], xi, eps))
-
-    def _accepted_batch(self, x, rho, y, eps) -> _HostMask:
+    def accepted_batch(self, x, rho, y, eps) -> _HostMask:
+        """Whether each (not yet fooled) image's step from rho would be accepted, batched."""
         xr = self._perturbed(x + rho)
         _, g = self._model.log_probs_and_gradient(xr, np.asarray(y))
         if self._norm == "inf":
@@ -515,13 +505,13 @@ class ArrayUAPLoop:
         pred = np.argmax(self._model.log_probs(x_adv), axis=1)
         return np.asarray(self._fooled(pred, np.asarray(y)), bool).view(_HostMask)
 
-    def scan(self, x, rho, y, xi, eps, probe):
-        """Statuses of a window, and `probe_step` on its first `probe` unfooled images."""
+    def scan(self, x, rho, y, eps, probe):
+        """Statuses of a window, and acceptance of the steps of its first `probe` unfooled images."""
         is_fooled = self.fooled_batch(x, rho, y)
         candidates = np.flatnonzero(~is_fooled)[:probe]
-        probed = (self.probe_step(x[candidates], rho, np.asarray(y)[candidates], xi, eps) if len(candidates)
-                  else (np.zeros(0, bool).view(_HostMask), rho, False, False))
-        return (is_fooled, candidates.view(_HostMask), *probed)
+        accepted = (self.accepted_batch(x[candidates], rho, np.asarray(y)[candidates], eps) if len(candidates)
+                    else np.zeros(0, bool).view(_HostMask))
+        return is_fooled, candidates.view(_HostMask), accepted
 
     def sgd_step(self, x, rho, velocity, y, alpha, xi, loss_cap, momentum):
         """One projected signed / normalised step along the momentum of the batch-mean (capped) cross-entropy's
