@@ -267,7 +267,8 @@ class UAPAttack:
     loop would; the accepted image itself is then stepped by the plain loop's single-image call, and the window
     resumes after it. Statuses stay known until rho moves (the per-pass evaluation supplies them for the start of
     the next pass), and window and probe sizes follow running estimates of how many images are unfooled and how
-    many steps are accepted. The result equals the plain loop's. Both stop after a pass that accepts no step (every
+    many steps are accepted; where most steps are accepted, the single-image call checks the next few images beside
+    its step instead. The result equals the plain loop's. Both stop after a pass that accepts no step (every
     later pass would repeat it), as well as at a crafting rate of 1 - delta or after max_iter passes.
     """
 
