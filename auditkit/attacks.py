@@ -17,8 +17,8 @@ from .models.adapters import TFAdapter
 NORMS = ("2", "inf")
 GRAD_NORM_FLOOR = 1e-12
 MAX_WINDOW = 256  # speculative look-ahead, images per batched check
-_LOOPS_LOCK = threading.Lock()
 MIN_PROBE = 4  # batched step probes only where about this many steps are rejected per accepted one
+_LOOPS_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)

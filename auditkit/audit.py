@@ -300,8 +300,7 @@ def build_attack(cell: Cell, xi: float, progress: Callable[[int, int, int, float
     if cell.algorithm == "sgd":
         return SGDUAPAttack(norm=cell.norm, xi=xi, epochs=cell.max_iter, batch_size=cell.sgd.batch_size,
                             step_size=cell.sgd.step_size, loss_cap=cell.sgd.loss_cap, momentum=cell.sgd.momentum,
-                            delta=cell.delta,
-                            clip=cell.clip, progress=progress)
+                            delta=cell.delta, clip=cell.clip, progress=progress)
     return UAPAttack(norm=cell.norm, xi=xi, eps=cell.eps, max_iter=cell.max_iter, delta=cell.delta,
                      clip=cell.clip, progress=progress)
 
