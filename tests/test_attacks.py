@@ -117,6 +117,11 @@ def test_a_pass_that_accepts_no_step_ends_the_loop_with_the_oracles_uap(reg, nor
         assert 1 < result.passes < max_iter and result.rates[-1] < 1.0, "the loop did not stop at a fixed point"
         assert result.rates[-1] == result.rates[-2], "the last pass moved rho, so the loop should have gone on"
         np.testing.assert_allclose(result.rho, expected, atol=1e-5)
+        every = UAPAttack(norm=norm, xi=xi, eps=eps, max_iter=max_iter, speculative=speculative,
+                          stop_at_fixed_point=False).craft(adapter, X, criterion, np.random.default_rng(5))
+        assert every.passes == max_iter and every.visited == max_iter * len(X)
+        assert np.array_equal(every.rho, result.rho) and every.steps > result.steps
+        assert every.rates == result.rates + [result.rates[-1]] * (max_iter - result.passes)
 
 
 @pytest.mark.parametrize("norm", ["inf", "2"])

@@ -135,3 +135,22 @@ def test_unsafe_keras_lambda_is_refused(tmp_path):
     keras.Model(inp, out).save(tmp_path / "lambda.keras")
     with pytest.raises(AuditkitError, match="cannot load Keras model"):
         load_model(tmp_path / "lambda.keras", {"classes": ["a", "b", "c"]})
+
+
+def test_a_graph_function_is_traced_once_and_computes_what_its_function_does():
+    from auditkit.models.adapters import GraphFunction, configure_tensorflow
+
+    tf = configure_tensorflow()
+    traces = []
+
+    def scaled_sum(x, k):
+        traces.append(1)  # runs only while tracing
+        return tf.reduce_sum(x, axis=1) * k
+
+    fn = GraphFunction(tf, scaled_sum, [tf.TensorSpec([None, 3], tf.float32), tf.TensorSpec([], tf.float32)])
+    for rows in (1, 4, 7):  # different batch sizes fit the one signature
+        x = np.arange(rows * 3, dtype=np.float32).reshape(rows, 3)
+        np.testing.assert_array_equal(fn(x, np.float32(2)).numpy(), x.sum(axis=1) * 2)
+    assert len(traces) == 1
+    with pytest.raises((TypeError, ValueError)):
+        fn(np.zeros((2, 4), np.float32), np.float32(1))  # outside the signature: refused, not retraced
