@@ -21,6 +21,7 @@ from .attacks import Nontargeted, SGDUAPAttack, Targeted, UAPAttack, perturb, ra
 from .data import Dataset, Preprocess, load_dataset
 from .errors import AuditkitError
 from .models import ModelAdapter, configure_tensorflow
+from .models.adapters import GraphFunction
 from .policy import Cell, Policy, Threshold, validate_against_classes
 from .results import (AuditResult, CellResult, ControlSummary, DataInfo, DeployParity, Example, ModelInfo,
                       Provenance, RuleResult, SplitEval, TransferEval)
@@ -250,7 +251,6 @@ def _ssim_fn(size: int):
     def window(m):
         return tf.einsum("nhw,hu,wv->nuv", m, band, band)
 
-    @tf.function(input_signature=[tf.TensorSpec([None, size, size], tf.float32)] * 2)
     def ssim(x, y):
         mean_x, mean_y = window(x), window(y)
         num0 = mean_x * mean_y * 2.0
@@ -259,7 +259,7 @@ def _ssim_fn(size: int):
         cs = (window(x * y) * 2.0 - num0 + c2) / (window(tf.square(x) + tf.square(y)) - den0 + c2)
         return tf.reduce_mean(luminance * cs, axis=[1, 2])
 
-    return ssim
+    return GraphFunction(tf, ssim, [tf.TensorSpec([None, size, size], tf.float32)] * 2)
 
 
 def _check_classes(model: ModelAdapter, dataset: Dataset) -> list[str]:
