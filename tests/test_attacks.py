@@ -251,3 +251,30 @@ def test_the_step_is_the_same_with_or_without_a_side_check(tiny_model, phantom_m
         np.testing.assert_array_equal(beside[3], loop.fooled_batch(X[window], rho, y[window]).numpy())
         accepted += bool(alone[2])
     assert accepted >= 10, "too few accepted steps for the comparison to mean anything"
+
+
+def test_the_loop_follows_weights_changed_in_place(tiny_model, phantom_manifest):
+    """The loop runs a Keras model with its weights frozen as constants: weights changed in place (as hardening
+    trains them) must reach it."""
+    from auditkit.attacks import _compiled, _fooled
+    from auditkit.data import Preprocess, load_dataset
+    from auditkit.models import load_model
+
+    adapter = load_model(str(tiny_model))
+    X = load_dataset(phantom_manifest, adapter.classes, preprocess=Preprocess(size=adapter.spec.input_size),
+                     cache_dir=False).subset("train").floats()
+    labels = adapter.predict(X).astype(np.int32)
+    zero = np.zeros(X.shape[1:], np.float32)
+    before = _compiled(adapter, "inf", True, False)
+    assert not _fooled(before, X, zero, labels).any()
+
+    last = adapter.model.layers[-1]
+    kernel, bias = last.get_weights()
+    target = int(np.argmin(np.bincount(labels, minlength=len(bias))))  # a class few images are predicted as
+    bias[target] += 100.0
+    last.set_weights([kernel, bias])
+    after = _compiled(adapter, "inf", True, False)
+    assert after is not before
+    flipped = _fooled(after, X, zero, labels)
+    np.testing.assert_array_equal(flipped, adapter.predict(X) != labels)
+    assert flipped.mean() > 0.5

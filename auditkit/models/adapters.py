@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,11 @@ def configure_tensorflow() -> Any:
     return tf
 
 
+# One trace at a time: concurrent cells' graphs differentiate the same frozen model function, whose gradient TF
+# builds at the first trace that needs it, and not thread-safely.
+_TRACING = threading.Lock()
+
+
 class GraphFunction:
     """`fn` as a TF graph for a fixed input signature, traced at the first call, which every later call runs
     directly: tf.function's own dispatch matches the arguments against its signature on each call, 0.6-1 ms a
@@ -55,7 +61,9 @@ class GraphFunction:
 
     def __call__(self, *args):
         if self._traced is None:
-            self._traced = self._function.get_concrete_function()
+            with _TRACING:
+                if self._traced is None:
+                    self._traced = self._function.get_concrete_function()
         return self._traced(*args)
 
 
@@ -186,9 +194,10 @@ class TFAdapter(ModelAdapter):
     def gradient_source(self) -> str | None:
         return "TensorFlow automatic differentiation (exact)"
 
-    def tf_log_probs(self, images):
-        """Log class probabilities (N, K); the cross-entropy for label y is minus column y."""
-        out = self._forward(model_input(images, self.spec, self.tf))
+    def tf_log_probs(self, images, forward=None):
+        """Log class probabilities (N, K); the cross-entropy for label y is minus column y. `forward`: the model's
+        forward pass to use (default its own)."""
+        out = (forward or self._forward)(model_input(images, self.spec, self.tf))
         if self.spec.output == "logits":
             return self.tf.nn.log_softmax(out, axis=-1)
         return self.tf.math.log(self.tf.maximum(out, PROB_FLOOR))
@@ -196,6 +205,11 @@ class TFAdapter(ModelAdapter):
     def tf_probs(self, images):
         out = self._forward(model_input(images, self.spec, self.tf))
         return self.tf.nn.softmax(out, axis=-1) if self.spec.output == "logits" else out
+
+    def loop_log_probs(self):
+        """(version, log-probability function) for the UAP loop's graphs, which are traced again whenever the
+        version changes."""
+        return None, self.tf_log_probs
 
     def _loss_gradient(self, images, labels):
         tf = self.tf
@@ -221,6 +235,40 @@ class KerasAdapter(TFAdapter):
         graph = infer_spec(model.inputs[0].shape, _keras_output_kind(model), model.outputs[0].shape[-1])
         spec = _complete(graph.merged(spec_overrides, where), name, graph)
         super().__init__(name, path, spec, lambda x: model(x, training=False), model.count_params())
+        self._loop_forward: tuple[bytes, Any] | None = None
+        self._loop_lock = threading.Lock()
+
+    def loop_log_probs(self):
+        """The UAP loop runs the model with its current weights frozen as constants, which TF folds (batch-norm
+        scales, no variable reads): a single-image forward pass at 224 px took 0.72 ms against 1.05 ms, a loop step
+        15% less. The version is a digest of the weights, so a model trained in place (hardening) gets new graphs."""
+        digest = _weights_digest(self.model)
+        with self._loop_lock:
+            if self._loop_forward is None or self._loop_forward[0] != digest:
+                forward = _frozen_forward(self.model, self.tf)
+                self._loop_forward = digest, lambda images: self.tf_log_probs(images, forward)
+            return self._loop_forward
+
+
+def _weights_digest(model) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    for w in model.get_weights():
+        h.update(np.ascontiguousarray(w).tobytes())
+    return h.digest()
+
+
+def _frozen_forward(model, tf):
+    """The Keras model's inference call with its current weights as constants, or the call itself (weights read
+    as variables) where TF cannot freeze the model."""
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    spec = tf.TensorSpec((None, *model.inputs[0].shape[1:]), tf.float32)
+    try:
+        traced = tf.function(lambda x: model(x, training=False), autograph=False).get_concrete_function(spec)
+        frozen = convert_variables_to_constants_v2(traced)
+    except Exception:  # noqa: BLE001 - a model TF cannot freeze still runs, unfrozen
+        return lambda x: model(x, training=False)
+    return lambda x: frozen(x)[0]
 
 
 class SavedModelAdapter(TFAdapter):
