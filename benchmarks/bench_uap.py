@@ -220,7 +220,7 @@ def main(argv=None) -> None:
     exact_given = min(ours(True, clean_pred=clean_pred)[1] for _ in range(2))
     sgd_given = min(sgd(clean_pred=clean_pred)[1] for _ in range(2))
     print(f"\nSGD mode (gradient steps = mini-batch steps): test R_f {r_f_sgd - r_f_exact:+.3f} against the exact "
-          f"loop with its fixed-point stop (target >= -0.03) in {sgd_seconds / fast_seconds:.2f} of its time "
+          f"loop with its fixed-point stop (target >= -0.03) in {sgd_seconds / fast_seconds:.3f} of its time "
           f"(target <= 0.10); given the clean predictions, as in an audit (best of 2 runs each): {sgd_given:.3f} s "
           f"against {exact_given:.3f} s, {sgd_given / exact_given:.3f} of its time")
     print(f"\nART visits every image of every pass (delta=1e-6; it stops early only at a 100% flip rate), as do the "

@@ -360,6 +360,7 @@ CACHE_CORRUPTIONS = {
     "npy_wrong_dtype": lambda npy, meta: np.save(npy, np.zeros((4, 16, 16), np.int16)),
     "npy_pickled_object": lambda npy, meta: np.save(npy, np.array([{"x": 1}], dtype=object), allow_pickle=True),
     "npy_missing": lambda npy, meta: npy.unlink(),
+    "npy_empty": lambda npy, meta: npy.write_bytes(b""),
     "json_garbage": lambda npy, meta: meta.write_bytes(b"{not json"),
     "json_not_an_object": lambda npy, meta: meta.write_text("[]"),
     "json_without_sha": lambda npy, meta: meta.write_text(json.dumps({"shape": [4, 16, 16]})),
