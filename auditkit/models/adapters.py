@@ -67,6 +67,15 @@ class GraphFunction:
         return self._traced(*args)
 
 
+def cross_entropy_gradient(tf, log_probs, images, labels):
+    """Gradient of each image's cross-entropy at its label w.r.t. the images (TF, inside a graph), through the
+    log-probability function `log_probs`."""
+    with tf.GradientTape() as tape:
+        tape.watch(images)
+        loss = -tf.gather(log_probs(images), labels, axis=1, batch_dims=1)
+    return tape.gradient(loss, images)
+
+
 @contextlib.contextmanager
 def op_determinism():
     """Deterministic TF ops for the duration; switched back off afterwards if they were off."""
@@ -212,11 +221,7 @@ class TFAdapter(ModelAdapter):
         return None, self.tf_log_probs
 
     def _loss_gradient(self, images, labels):
-        tf = self.tf
-        with tf.GradientTape() as tape:
-            tape.watch(images)
-            loss = -tf.gather(self.tf_log_probs(images), labels, axis=1, batch_dims=1)
-        return tape.gradient(loss, images)
+        return cross_entropy_gradient(self.tf, self.tf_log_probs, images, labels)
 
     def loss_gradient(self, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """Gradient of the per-image cross-entropy w.r.t. the image-space input, (N, H, W)."""
