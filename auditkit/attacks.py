@@ -5,6 +5,7 @@ is attacked by the same compiled loop.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from dataclasses import dataclass, field
@@ -99,10 +100,12 @@ def perturb(images: np.ndarray, rho: np.ndarray, clip: bool) -> np.ndarray:
 
 class _CompiledLoop:
     """The loop's graph calls for one (model and weights, norm, clip, criterion kind): traced once, reused across
-    cells."""
+    cells. Each call takes the whole crafting set (images and labels, held as tensors for the craft) and the indices
+    of its images, so no call converts images."""
 
     def __init__(self, model: TFAdapter, log_probs_of, norm: str, clip: bool, targeted: bool):
         tf = model.tf
+        self._tf = tf
         size = model.spec.input_size
         plane = tf.TensorSpec([size, size], tf.float32)
         scalar = tf.TensorSpec([], tf.float32)
@@ -118,17 +121,18 @@ class _CompiledLoop:
                 return tf.clip_by_value(v, -xi, xi)
             return v * tf.minimum(1.0, xi / tf.maximum(tf.norm(v), 1e-30))
 
-        def step(x, rho, y, xi, eps, window, window_y):
-            """Check, gradient, step, check, project: one visited image in one graph call. The check and the
-            gradient share one forward pass; the backward pass runs only for an image not yet fooled.
+        def step(images, labels, j, rho, xi, eps, window):
+            """Check, gradient, step, check, project: one visited image (`images[j]`) in one graph call. The check
+            and the gradient share one forward pass; the backward pass runs only for an image not yet fooled.
 
             Also, independent of it (TF runs the two side by side), whether each image of `window` (may be empty) is
             fooled under the same rho: statuses that still hold unless the step is accepted. Every single-image step
             goes through this one graph: inlined into other graphs, the step was optimised differently and rounded
             the last bit of rho differently in about 2% of steps.
             """
-            side = tf.cond(tf.size(window_y) > 0, lambda: fooled_batch(window, rho, window_y),
+            side = tf.cond(tf.size(window) > 0, lambda: fooled_batch(images, labels, window, rho),
                            lambda: tf.zeros([0], tf.bool))
+            x, y = images[j], labels[j]
             xr = perturbed(x + rho)[None]
             with tf.GradientTape() as tape:
                 tape.watch(xr)
@@ -151,12 +155,13 @@ class _CompiledLoop:
             new_rho, accepted = tf.cond(already, lambda: (rho, tf.constant(False)), attack)
             return new_rho, tf.logical_not(already), accepted, side
 
-        def fooled_batch(x, rho, y):
-            pred = tf.argmax(log_probs_of(perturbed(x + rho)), axis=1, output_type=tf.int32)
-            return fooled(pred, y)
+        def fooled_batch(images, labels, idx, rho):
+            pred = tf.argmax(log_probs_of(perturbed(tf.gather(images, idx) + rho)), axis=1, output_type=tf.int32)
+            return fooled(pred, tf.gather(labels, idx))
 
-        def accepted_batch(x, rho, y, eps):
+        def accepted_batch(images, labels, idx, rho, eps):
             """For images not yet fooled: whether each one's step from this rho would be accepted (batched)."""
+            x, y = tf.gather(images, idx), tf.gather(labels, idx)
             xr = perturbed(x + rho)
             with tf.GradientTape() as tape:
                 tape.watch(xr)
@@ -169,19 +174,20 @@ class _CompiledLoop:
             x_adv = perturbed(x + rho + (-eps if targeted else eps) * direction)
             return fooled(tf.argmax(log_probs_of(x_adv), axis=1, output_type=tf.int32), y)
 
-        def scan(x, rho, y, eps, probe):
+        def scan(images, labels, idx, rho, eps, probe):
             """Whether each image of a window is fooled, and whether the steps of its first `probe` unfooled images
-            would be accepted: all the look-ahead needs after rho moved, in one call."""
-            is_fooled = fooled_batch(x, rho, y)
+            (positions in the window) would be accepted: all the look-ahead needs after rho moved, in one call."""
+            is_fooled = fooled_batch(images, labels, idx, rho)
             candidates = tf.cast(tf.where(tf.logical_not(is_fooled))[:probe, 0], tf.int32)
             accepted = tf.cond(tf.size(candidates) > 0,
-                               lambda: accepted_batch(tf.gather(x, candidates), rho, tf.gather(y, candidates), eps),
+                               lambda: accepted_batch(images, labels, tf.gather(idx, candidates), rho, eps),
                                lambda: tf.zeros([0], tf.bool))
             return is_fooled, candidates, accepted
 
-        def sgd_step(x, rho, velocity, y, alpha, xi, loss_cap, momentum):
+        def sgd_step(images, labels, idx, rho, velocity, alpha, xi, loss_cap, momentum):
             """One stochastic PGD step on a mini-batch: ascend the batch-mean (capped) cross-entropy along the
             momentum of its scale-free gradients, project. Also says which images were fooled before the step."""
+            x, y = tf.gather(images, idx), tf.gather(labels, idx)
             with tf.GradientTape() as tape:
                 tape.watch(rho)
                 log_probs = log_probs_of(perturbed(x + rho))
@@ -196,13 +202,18 @@ class _CompiledLoop:
             was_fooled = fooled(tf.argmax(log_probs, axis=1, output_type=tf.int32), y)
             return project_tf(rho + alpha * direction, xi), velocity, was_fooled
 
-        batch, labels = tf.TensorSpec([None, size, size], tf.float32), tf.TensorSpec([None], tf.int32)
-        integer = tf.TensorSpec([], tf.int32)
-        self.step = GraphFunction(tf, step, [plane, plane, integer, scalar, scalar, batch, labels])
-        self.sgd_step = GraphFunction(tf, sgd_step, [batch, plane, plane, labels, scalar, scalar, scalar, scalar])
-        self.fooled_batch = GraphFunction(tf, fooled_batch, [batch, plane, labels])
-        self.accepted_batch = GraphFunction(tf, accepted_batch, [batch, plane, labels, scalar])
-        self.scan = GraphFunction(tf, scan, [batch, plane, labels, scalar, integer])
+        images, labels = tf.TensorSpec([None, size, size], tf.float32), tf.TensorSpec([None], tf.int32)
+        index, indices = tf.TensorSpec([], tf.int32), tf.TensorSpec([None], tf.int32)
+        held = [images, labels]
+        self.step = GraphFunction(tf, step, held + [index, plane, scalar, scalar, indices])
+        self.sgd_step = GraphFunction(tf, sgd_step, held + [indices, plane, plane, scalar, scalar, scalar, scalar])
+        self.fooled_batch = GraphFunction(tf, fooled_batch, held + [indices, plane])
+        self.accepted_batch = GraphFunction(tf, accepted_batch, held + [indices, plane, scalar])
+        self.scan = GraphFunction(tf, scan, held + [indices, plane, scalar, index])
+
+    def hold(self, *arrays):
+        """The arrays as the calls take them for a whole craft (tensors), converted once."""
+        return tuple(self._tf.constant(a) for a in arrays)
 
 
 def _compiled(model: TFAdapter, norm: str, clip: bool, targeted: bool) -> _CompiledLoop:
@@ -217,23 +228,43 @@ def _compiled(model: TFAdapter, norm: str, clip: bool, targeted: bool) -> _Compi
         return cache[key][1]
 
 
-def _fooled(loop: _CompiledLoop, images: np.ndarray, rho: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Whether each image counts as fooled with rho added, in equal batches of at most EVAL_BATCH (at 224 px, 100
-    images took 30 ms in one batch and 35 ms in batches of 64 and 36)."""
-    cuts = np.linspace(0, len(images), -(-len(images) // EVAL_BATCH) + 1).astype(int)
-    out = [loop.fooled_batch(images[a:b], rho, labels[a:b]).numpy() for a, b in zip(cuts[:-1], cuts[1:])]
+def _fooled(loop: _CompiledLoop, images, labels, idx: np.ndarray, rho) -> np.ndarray:
+    """Whether each image `idx` of the held crafting set counts as fooled with rho added, in equal batches of at most
+    EVAL_BATCH (at 224 px, 100 images took 30 ms in one batch and 35 ms in batches of 64 and 36)."""
+    cuts = np.linspace(0, len(idx), -(-len(idx) // EVAL_BATCH) + 1).astype(int)
+    out = [loop.fooled_batch(images, labels, idx[a:b], rho).numpy() for a, b in zip(cuts[:-1], cuts[1:])]
     return np.concatenate(out) if out else np.zeros(0, bool)
 
 
-def _prepare(model: TFAdapter, images: np.ndarray, criterion: Criterion, clean_pred: np.ndarray | None, norm: str,
-             clip: bool) -> tuple[np.ndarray, np.ndarray, _CompiledLoop]:
-    """(checked images, the labels the criterion compares predictions with, the loop ops) for one crafting run."""
+_SHARED: dict[tuple[int, type], list] = {}  # (id, loop kind) of a crafting set in use -> [its held copy, crafts]
+_SHARED_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _prepared(model: TFAdapter, images: np.ndarray, criterion: Criterion, clean_pred: np.ndarray | None, norm: str,
+              clip: bool):
+    """(the loop ops; the checked images and the labels the criterion compares predictions with, held for its calls;
+    the number of images; a zero rho) for one crafting run. Concurrent crafts on one array (an audit's cells) share
+    one held copy of it, dropped when the last of them ends."""
     model.require_gradients()
     images = model.check_images(images)
     if clean_pred is None:
         clean_pred = model.predict(images)
-    return images, criterion.labels(np.asarray(clean_pred)).astype(np.int32), _compiled(model, norm, clip,
-                                                                                       criterion.targeted)
+    loop = _compiled(model, norm, clip, criterion.targeted)
+    labels = criterion.labels(np.asarray(clean_pred)).astype(np.int32)
+    key = (id(images), type(loop))
+    with _SHARED_LOCK:
+        shared = _SHARED.setdefault(key, [None, 0])
+        if shared[0] is None:
+            shared[0] = loop.hold(images)[0]
+        shared[1] += 1
+    try:
+        yield loop, (shared[0], *loop.hold(labels)), len(images), np.zeros(images.shape[1:], np.float32)
+    finally:
+        with _SHARED_LOCK:
+            shared[1] -= 1
+            if not shared[1]:
+                del _SHARED[key]
 
 
 @dataclass
@@ -300,10 +331,11 @@ class UAPAttack:
     def craft(self, model: TFAdapter, images: np.ndarray, criterion: Criterion, rng: np.random.Generator,
               clean_pred: np.ndarray | None = None) -> CraftResult:
         """Craft one UAP on `images` (float32 N x H x W in [0, 1]); `rng` draws each pass's visiting order."""
-        images, labels, loop = _prepare(model, images, criterion, clean_pred, self.norm, self.clip)
-        n = len(images)
-        xi, eps = np.float32(self.xi), np.float32(self.eps)
-        rho = np.zeros(images.shape[1:], np.float32)
+        with _prepared(model, images, criterion, clean_pred, self.norm, self.clip) as prepared:
+            return self._craft(*prepared, rng)
+
+    def _craft(self, loop: _CompiledLoop, held: tuple, n: int, rho, rng: np.random.Generator) -> CraftResult:
+        xi, eps = loop.hold(np.float32(self.xi), np.float32(self.eps))
         rates: list[float] = []
         visited = steps = 0
         start = time.perf_counter()
@@ -313,13 +345,12 @@ class UAPAttack:
         ahead = _LookAhead()
         for pass_no in range(1, self.max_iter + 1):
             if self.speculative and pass_no == 1:
-                self._complete(loop, images, labels, rho, status, valid)
-            order = rng.permutation(n)
-            rho, pass_steps, moved = self._one_pass(loop, images, labels, order, rho, xi, eps, pass_no, status, valid,
-                                                    ahead)
+                self._complete(loop, held, rho, status, valid)
+            order = rng.permutation(n).astype(np.int32)
+            rho, pass_steps, moved = self._one_pass(loop, held, order, rho, xi, eps, pass_no, status, valid, ahead)
             steps += pass_steps
             visited += n
-            self._complete(loop, images, labels, rho, status, valid)
+            self._complete(loop, held, rho, status, valid)
             rate = float(status.mean()) if n else 0.0
             rates.append(rate)
             if self.progress:
@@ -330,15 +361,14 @@ class UAPAttack:
                 break
         return CraftResult(rho, len(rates), rates, visited, steps, time.perf_counter() - start)
 
-    def _complete(self, loop, images, labels, rho, status, valid) -> None:
+    def _complete(self, loop, held, rho, status, valid) -> None:
         """Batched statuses under rho for every image whose status is not known (all, for the plain loop)."""
-        todo = np.flatnonzero(~valid) if self.speculative else np.arange(len(images))
+        todo = (np.flatnonzero(~valid) if self.speculative else np.arange(len(status))).astype(np.int32)
         if len(todo):
-            part = todo if len(todo) < len(images) else slice(None)  # no copy of the whole set
-            status[todo] = _fooled(loop, images[part], rho, labels[part])
+            status[todo] = _fooled(loop, *held, todo, rho)
         valid[:] = self.speculative
 
-    def _one_pass(self, loop: _CompiledLoop, images, labels, order, rho, xi, eps, pass_no, status, valid, ahead):
+    def _one_pass(self, loop: _CompiledLoop, held, order, rho, xi, eps, pass_no, status, valid, ahead):
         """One pass over `order`: (rho, gradient steps, whether any step was accepted). Speculative: look-ahead
         checks fill `status` where not `valid`; an accepted step (rho moves) invalidates every status."""
         n, i, steps, shown, moved = len(order), 0, 0, -1, False
@@ -356,12 +386,12 @@ class UAPAttack:
                 if run:
                     idx = order[i : i + run]
                     candidates = np.flatnonzero(~status[idx])[:probe]
-                    accepted = (loop.accepted_batch(images[idx[candidates]], rho, labels[idx[candidates]], eps).numpy()
+                    accepted = (loop.accepted_batch(*held, idx[candidates], rho, eps).numpy()
                                 if probe > 1 and len(candidates) else None)
                 elif probe > 1:
                     idx = order[i : i + ahead.window(probe)]
-                    is_fooled, candidates, accepted = (t.numpy() for t in loop.scan(
-                        images[idx], rho, labels[idx], eps, np.int32(probe)))
+                    is_fooled, candidates, accepted = (t.numpy() for t in loop.scan(*held, idx, rho, eps,
+                                                                                    np.int32(probe)))
                     status[idx], valid[idx] = is_fooled, True
                     ahead.checked(len(idx), len(idx) - int(is_fooled.sum()))
                 else:  # steps accepted often: the step below checks this image itself, and the next few beside it
@@ -380,8 +410,7 @@ class UAPAttack:
                 steps += probed
                 i += int(candidates[probed])
             j = order[i]  # plain loop, or the first image whose step the look-ahead did not find rejected
-            rho, unfooled, accepted_here, side_fooled = loop.step(images[j], rho, labels[j], xi, eps, images[side],
-                                                                  labels[side])
+            rho, unfooled, accepted_here, side_fooled = loop.step(*held, j, rho, xi, eps, side)
             if len(side) and not accepted_here:  # rho stayed, so the side statuses hold
                 status[side], valid[side] = np.asarray(side_fooled), True
                 ahead.checked(len(side), int(np.sum(~status[side])))
@@ -428,23 +457,24 @@ class SGDUAPAttack:
 
     def craft(self, model: TFAdapter, images: np.ndarray, criterion: Criterion, rng: np.random.Generator,
               clean_pred: np.ndarray | None = None) -> CraftResult:
-        images, labels, loop = _prepare(model, images, criterion, clean_pred, self.norm, self.clip)
-        n = len(images)
+        with _prepared(model, images, criterion, clean_pred, self.norm, self.clip) as prepared:
+            return self._craft(*prepared, rng)
+
+    def _craft(self, loop: _CompiledLoop, held: tuple, n: int, rho, rng: np.random.Generator) -> CraftResult:
         total = self.epochs * -(-n // self.batch_size)
-        xi, cap, momentum = np.float32(self.xi), np.float32(self.loss_cap), np.float32(self.momentum)
-        rho = np.zeros(images.shape[1:], np.float32)
+        xi, cap, momentum = loop.hold(np.float32(self.xi), np.float32(self.loss_cap), np.float32(self.momentum))
         velocity = np.zeros_like(rho)
         rates: list[float] = []
         start, t = time.perf_counter(), 0
         for epoch in range(1, self.epochs + 1):
-            order, fooled = rng.permutation(n), 0
+            order, fooled = rng.permutation(n).astype(np.int32), 0
             for b in range(0, n, self.batch_size):
                 if self.progress and b == 0:
                     self.progress(epoch, 0, n, None)
                 idx = order[b : b + self.batch_size]
                 alpha = self.step_size * self.xi * (0.01 + 0.99 * 0.5 * (1 + np.cos(np.pi * t / total)))
-                rho, velocity, was_fooled = loop.sgd_step(images[idx], rho, velocity, labels[idx], np.float32(alpha),
-                                                          xi, cap, momentum)
+                rho, velocity, was_fooled = loop.sgd_step(*held, idx, rho, velocity, np.float32(alpha), xi, cap,
+                                                          momentum)
                 fooled += int(np.sum(was_fooled))
                 t += 1
             rate = fooled / n if n else 0.0

@@ -172,12 +172,12 @@ def main(argv=None) -> None:
 
     # every compiled loop op traced before any timing (a short warm-up run need not reach them all)
     loop = _compiled(adapter, "inf", True, False)
-    w, rho0, y0 = craft[:4], np.zeros(craft.shape[1:], np.float32), np.zeros(4, np.int32)
-    f32 = np.float32
-    loop.step(w[0], rho0, 0, f32(xi), f32(args.eps), w[1:], y0[1:])
-    loop.fooled_batch(w, rho0, y0), loop.accepted_batch(w, rho0, y0, f32(args.eps))
-    loop.scan(w, rho0, y0, f32(args.eps), np.int32(2))
-    loop.sgd_step(w, rho0, rho0, y0, f32(xi), f32(xi), f32(3), f32(0.9))
+    w, rho0, f32 = loop.hold(craft[:4], np.zeros(4, np.int32)), np.zeros(craft.shape[1:], np.float32), np.float32
+    some = np.arange(1, 4, dtype=np.int32)
+    loop.step(*w, np.int32(0), rho0, f32(xi), f32(args.eps), some)
+    loop.fooled_batch(*w, some, rho0), loop.accepted_batch(*w, some, rho0, f32(args.eps))
+    loop.scan(*w, some, rho0, f32(args.eps), np.int32(2))
+    loop.sgd_step(*w, some, rho0, rho0, f32(xi), f32(xi), f32(3), f32(0.9))
 
     def art_run(images=craft, passes=args.passes):
         return art_uap(model, images, xi=xi, eps=args.eps, max_iter=passes, clip=True, seed=args.seed)
@@ -231,18 +231,20 @@ def main(argv=None) -> None:
     # Floor of one pass of the exact loop: one batched forward over the crafting set, plus one input gradient per
     # image not yet fooled (the loop cannot do less: each accepted step changes rho), the gradient timed both as a
     # single-image call (what the plain loop makes) and per image of a batched call (the speculative loop's probes).
-    # Both run the model as the loop does (a Keras model with its weights frozen), the forward in the loop's own
-    # batched check.
-    labels = adapter.predict(craft).astype(np.int32)
+    # Both run the model as the loop does (a Keras model with its weights frozen, on the crafting set held as
+    # tensors, images picked by index), the forward in the loop's own batched check.
+    held = loop.hold(craft, adapter.predict(craft).astype(np.int32))
     _, log_probs = adapter.loop_log_probs()
-    gradient = GraphFunction(tf, lambda x, y: cross_entropy_gradient(tf, log_probs, x, y),
-                             [tf.TensorSpec([None, *craft.shape[1:]], tf.float32), tf.TensorSpec([None], tf.int32)])
-    t_forward = statistics.median(timed(lambda: _fooled(loop, craft, rho0, labels)) for _ in range(3))
-    t_grad = statistics.median(timed(lambda i=i: gradient(craft[i : i + 1], labels[i : i + 1]).numpy())
+    gradient = GraphFunction(
+        tf, lambda x, y, idx: cross_entropy_gradient(tf, log_probs, tf.gather(x, idx), tf.gather(y, idx)),
+        [tf.TensorSpec([None, *craft.shape[1:]], tf.float32), tf.TensorSpec([None], tf.int32),
+         tf.TensorSpec([None], tf.int32)])
+    everyone = np.arange(n, dtype=np.int32)
+    t_forward = statistics.median(timed(lambda: _fooled(loop, *held, everyone, rho0)) for _ in range(3))
+    t_grad = statistics.median(timed(lambda i=i: gradient(*held, everyone[i : i + 1]).numpy())
                                for i in range(min(n, 30)))
-    batch = craft[: min(n, 64)]
-    t_grad_batched = statistics.median(timed(lambda: gradient(batch, labels[: len(batch)]).numpy())
-                                       for _ in range(3)) / len(batch)
+    batch = everyone[: min(n, 64)]
+    t_grad_batched = statistics.median(timed(lambda: gradient(*held, batch).numpy()) for _ in range(3)) / len(batch)
     steps_per_pass = plain.steps / plain.passes
     floors = {"single-image gradients": t_forward + steps_per_pass * t_grad,
               "batched gradients": t_forward + steps_per_pass * t_grad_batched}

@@ -237,18 +237,19 @@ def test_the_step_is_the_same_with_or_without_a_side_check(tiny_model, phantom_m
                      cache_dir=False).subset("train").floats()
     y = adapter.predict(X).astype(np.int32)
     loop = _compiled(adapter, norm, True, False)
+    held = loop.hold(X, y)
     xi, _ = xi_for(X, norm, 0.1)
     xi, eps = np.float32(xi), np.float32(0.05 if norm == "inf" else 1.0)
     rng = np.random.default_rng(0)
     accepted = 0
     for _ in range(60):
-        j = int(rng.integers(len(X)))
+        j = np.int32(rng.integers(len(X)))
         rho = project(rng.uniform(-1, 1, X.shape[1:]).astype(np.float32), norm, float(xi) * rng.random())
-        alone = [t.numpy() for t in loop.step(X[j], rho, y[j], xi, eps, X[:0], y[:0])]
-        window = rng.integers(len(X), size=int(rng.integers(1, 6)))
-        beside = [t.numpy() for t in loop.step(X[j], rho, y[j], xi, eps, X[window], y[window])]
+        alone = [t.numpy() for t in loop.step(*held, j, rho, xi, eps, np.zeros(0, np.int32))]
+        window = rng.integers(len(X), size=int(rng.integers(1, 6))).astype(np.int32)
+        beside = [t.numpy() for t in loop.step(*held, j, rho, xi, eps, window)]
         assert all(np.array_equal(a, b) for a, b in zip(alone[:3], beside[:3]))
-        np.testing.assert_array_equal(beside[3], loop.fooled_batch(X[window], rho, y[window]).numpy())
+        np.testing.assert_array_equal(beside[3], loop.fooled_batch(*held, window, rho).numpy())
         accepted += bool(alone[2])
     assert accepted >= 10, "too few accepted steps for the comparison to mean anything"
 
@@ -265,8 +266,9 @@ def test_the_loop_follows_weights_changed_in_place(tiny_model, phantom_manifest)
                      cache_dir=False).subset("train").floats()
     labels = adapter.predict(X).astype(np.int32)
     zero = np.zeros(X.shape[1:], np.float32)
+    everyone = np.arange(len(X), dtype=np.int32)
     before = _compiled(adapter, "inf", True, False)
-    assert not _fooled(before, X, zero, labels).any()
+    assert not _fooled(before, *before.hold(X, labels), everyone, zero).any()
 
     last = adapter.model.layers[-1]
     kernel, bias = last.get_weights()
@@ -275,6 +277,42 @@ def test_the_loop_follows_weights_changed_in_place(tiny_model, phantom_manifest)
     last.set_weights([kernel, bias])
     after = _compiled(adapter, "inf", True, False)
     assert after is not before
-    flipped = _fooled(after, X, zero, labels)
+    flipped = _fooled(after, *after.hold(X, labels), everyone, zero)
     np.testing.assert_array_equal(flipped, adapter.predict(X) != labels)
     assert flipped.mean() > 0.5
+
+
+def test_concurrent_crafts_on_one_set_share_one_held_copy(tiny_model, phantom_manifest, monkeypatch):
+    """An audit crafts several cells at a time on one crafting set: the loop's tensor copy of the set is made once
+    for the crafts that overlap, and dropped when the last one ends."""
+    import threading
+
+    from auditkit import attacks
+    from auditkit.data import Preprocess, load_dataset
+    from auditkit.models import load_model
+
+    adapter = load_model(str(tiny_model))
+    X = load_dataset(phantom_manifest, adapter.classes, preprocess=Preprocess(size=adapter.spec.input_size),
+                     cache_dir=False).subset("train").floats()
+    xi, _ = xi_for(X, "inf", 0.1)
+    copies = []
+    hold = attacks._CompiledLoop.hold
+    monkeypatch.setattr(attacks._CompiledLoop, "hold",
+                        lambda self, *arrays: copies.extend(a for a in arrays if np.ndim(a) == 3) or hold(self, *arrays))
+    results = {}
+
+    def craft(name, progress=None):
+        attack = UAPAttack("inf", xi, eps=0.05, max_iter=2, progress=progress)
+        results[name] = attack.craft(adapter, X, Nontargeted(), np.random.default_rng(0)).rho
+
+    def start_the_other(pass_no, done, n, rate):  # the second craft runs entirely inside the first one
+        if "inner" not in results and rate is None:
+            inner = threading.Thread(target=craft, args=("inner",))
+            inner.start()
+            inner.join()
+
+    craft("outer", start_the_other)
+    assert len(copies) == 1 and not attacks._SHARED
+    np.testing.assert_array_equal(results["inner"], results["outer"])
+    craft("later")
+    assert len(copies) == 2 and not attacks._SHARED

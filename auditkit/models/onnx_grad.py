@@ -476,10 +476,15 @@ class ArrayUAPLoop:
             return np.sign(g)
         return g / np.maximum(np.linalg.norm(g), self._floor)
 
-    def step(self, x, rho, y, xi, eps, window, window_y):
-        """Check, gradient, step, check, project for one visited image, and whether each image of `window` is
-        fooled under the same rho -> (rho, was unfooled, accepted, window statuses)."""
-        side = self.fooled_batch(window, rho, window_y) if len(window) else np.zeros(0, bool)
+    def hold(self, *arrays):
+        """The arrays as the calls take them for a whole craft."""
+        return tuple(np.asarray(a) for a in arrays)
+
+    def step(self, images, labels, j, rho, xi, eps, window):
+        """Check, gradient, step, check, project for one visited image (`images[j]`), and whether each image of
+        `window` is fooled under the same rho -> (rho, was unfooled, accepted, window statuses)."""
+        side = self.fooled_batch(images, labels, window, rho) if len(window) else np.zeros(0, bool)
+        x, y = images[j], int(labels[j])
         xr = self._perturbed(x + rho)[None]
         if self._fooled(int(np.argmax(self._model.log_probs(xr)[0])), y):
             return rho, False, False, side
@@ -489,12 +494,13 @@ class ArrayUAPLoop:
         success = bool(self._fooled(int(np.argmax(self._model.log_probs(x_adv[None])[0])), y))
         return (self._project(x_adv - x, self._norm, xi) if success else rho), True, success, side
 
-    def fooled_batch(self, x, rho, y) -> _HostMask:
-        pred = np.argmax(self._model.log_probs(self._perturbed(x + rho)), axis=1)
-        return np.asarray(self._fooled(pred, np.asarray(y)), bool).view(_HostMask)
+    def fooled_batch(self, images, labels, idx, rho) -> _HostMask:
+        pred = np.argmax(self._model.log_probs(self._perturbed(images[idx] + rho)), axis=1)
+        return np.asarray(self._fooled(pred, labels[idx]), bool).view(_HostMask)
 
-    def accepted_batch(self, x, rho, y, eps) -> _HostMask:
+    def accepted_batch(self, images, labels, idx, rho, eps) -> _HostMask:
         """Whether each (not yet fooled) image's step from rho would be accepted, batched."""
+        x, y = images[idx], labels[idx]
         xr = self._perturbed(x + rho)
         _, g = self._model.log_probs_and_gradient(xr, np.asarray(y))
         if self._norm == "inf":
@@ -503,19 +509,21 @@ class ArrayUAPLoop:
             direction = g / np.maximum(np.linalg.norm(g.reshape(len(g), -1), axis=1), self._floor)[:, None, None]
         x_adv = self._perturbed(x + (rho + (-eps if self._targeted else eps) * direction))
         pred = np.argmax(self._model.log_probs(x_adv), axis=1)
-        return np.asarray(self._fooled(pred, np.asarray(y)), bool).view(_HostMask)
+        return np.asarray(self._fooled(pred, y), bool).view(_HostMask)
 
-    def scan(self, x, rho, y, eps, probe):
-        """Statuses of a window, and acceptance of the steps of its first `probe` unfooled images."""
-        is_fooled = self.fooled_batch(x, rho, y)
+    def scan(self, images, labels, idx, rho, eps, probe):
+        """Statuses of a window, and acceptance of the steps of its first `probe` unfooled images (positions in
+        the window)."""
+        is_fooled = self.fooled_batch(images, labels, idx, rho)
         candidates = np.flatnonzero(~is_fooled)[:probe]
-        accepted = (self.accepted_batch(x[candidates], rho, np.asarray(y)[candidates], eps) if len(candidates)
+        accepted = (self.accepted_batch(images, labels, idx[candidates], rho, eps) if len(candidates)
                     else np.zeros(0, bool).view(_HostMask))
         return is_fooled, candidates.view(_HostMask), accepted
 
-    def sgd_step(self, x, rho, velocity, y, alpha, xi, loss_cap, momentum):
+    def sgd_step(self, images, labels, idx, rho, velocity, alpha, xi, loss_cap, momentum):
         """One projected signed / normalised step along the momentum of the batch-mean (capped) cross-entropy's
         scale-free gradients w.r.t. rho -> (rho, velocity, whether each image was fooled before the step)."""
+        x, y = images[idx], labels[idx]
         v = x + rho
         log_probs, g = self._model.log_probs_and_gradient(self._perturbed(v), y)
         ce = -log_probs[np.arange(len(y)), y]
@@ -524,5 +532,5 @@ class ArrayUAPLoop:
             g = g * ((v >= 0) & (v <= 1))
         grad = np.tensordot(weight / np.float32(len(y)), g, axes=1)
         velocity = momentum * velocity + grad / np.maximum(np.max(np.abs(grad)), self._floor)
-        was_fooled = self._fooled(np.argmax(log_probs, axis=1), np.asarray(y))
+        was_fooled = self._fooled(np.argmax(log_probs, axis=1), y)
         return self._project(rho + alpha * self._direction(velocity), self._norm, xi), velocity, was_fooled
