@@ -254,9 +254,9 @@ def _prepared(model: TFAdapter, images: np.ndarray, criterion: Criterion, clean_
     labels = criterion.labels(np.asarray(clean_pred)).astype(np.int32)
     key = (id(images), type(loop))
     with _SHARED_LOCK:
-        shared = _SHARED.setdefault(key, [None, 0])
-        if shared[0] is None:
-            shared[0] = loop.hold(images)[0]
+        shared = _SHARED.get(key)
+        if shared is None:
+            shared = _SHARED[key] = [loop.hold(images)[0], 0]
         shared[1] += 1
     try:
         yield loop, (shared[0], *loop.hold(labels)), len(images), np.zeros(images.shape[1:], np.float32)
