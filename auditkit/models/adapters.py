@@ -61,20 +61,22 @@ class GraphFunction:
     def __init__(self, tf, fn, signature: list):
         self._function = tf.function(fn, input_signature=signature)
         self._tf, self._signature = tf, signature
-        self._traced = None
+        self._traced = self._flat_call = None
 
     def __call__(self, *args):
         if self._traced is None:
             with _TRACING:
                 if self._traced is None:
-                    self._traced = self._function.get_concrete_function()
-        traced, tf = self._traced, self._tf
-        if len(args) == len(self._signature) and hasattr(traced, "_call_flat"):
+                    traced = self._function.get_concrete_function()
+                    self._flat_call = getattr(traced, "_call_flat", None)
+                    self._traced = traced
+        tf = self._tf
+        if self._flat_call is not None and len(args) == len(self._signature):
             flat = [a if isinstance(a, tf.Tensor) else tf.constant(a, spec.dtype)
                     for a, spec in zip(args, self._signature)]
             if all(spec.is_compatible_with(t) for spec, t in zip(self._signature, flat)):
-                return traced._call_flat(flat, traced.captured_inputs)
-        return traced(*args)
+                return self._flat_call(flat, self._traced.captured_inputs)
+        return self._traced(*args)
 
 
 def cross_entropy_gradient(tf, log_probs, images, labels):
