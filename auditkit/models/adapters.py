@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import AuditkitError
+from .fast_gradients import with_fast_input_gradients
 from .spec import ModelSpec
 
 # log(max(p, PROB_FLOOR)): a floor far below Keras' 1e-7 keeps a gradient for targets the model deems near-impossible.
@@ -275,8 +276,9 @@ def _weights_digest(model) -> bytes:
 
 
 def _frozen_forward(model, tf):
-    """The Keras model's inference call with its current weights as constants, or the call itself (weights read
-    as variables) where TF cannot freeze the model."""
+    """The Keras model's inference call with its current weights as constants and cheaper input gradients for its
+    convolutions (`fast_gradients`), or the call itself (weights read as variables) where TF cannot freeze the
+    model."""
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
     spec = tf.TensorSpec((None, *model.inputs[0].shape[1:]), tf.float32)
@@ -285,6 +287,10 @@ def _frozen_forward(model, tf):
         frozen = convert_variables_to_constants_v2(traced)
     except Exception:  # noqa: BLE001 - a model TF cannot freeze still runs, unfrozen
         return lambda x: model(x, training=False)
+    try:
+        frozen, _ = with_fast_input_gradients(frozen, tf)
+    except Exception:  # noqa: BLE001 - a graph TF cannot import again keeps TF's own gradients
+        pass
     return lambda x: frozen(x)[0]
 
 
