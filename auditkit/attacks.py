@@ -19,7 +19,8 @@ NORMS = ("2", "inf")
 GRAD_NORM_FLOOR = 1e-12
 MAX_WINDOW = 256  # speculative look-ahead, images per batched check
 EVAL_BATCH = 128  # most images per batched status check
-MIN_PROBE = 4  # batched step probes only where about this many steps are rejected per accepted one
+WALK = 32  # most images one walk call visits where steps are accepted often
+MIN_PROBE = 6  # batched step probes only where about this many steps are rejected per accepted one
 _LOOPS_LOCK = threading.Lock()
 
 
@@ -121,17 +122,10 @@ class _CompiledLoop:
                 return tf.clip_by_value(v, -xi, xi)
             return v * tf.minimum(1.0, xi / tf.maximum(tf.norm(v), 1e-30))
 
-        def step(images, labels, j, rho, xi, eps, window):
-            """Check, gradient, step, check, project: one visited image (`images[j]`) in one graph call. The check
-            and the gradient share one forward pass; the backward pass runs only for an image not yet fooled.
-
-            Also, independent of it (TF runs the two side by side), whether each image of `window` (may be empty) is
-            fooled under the same rho: statuses that still hold unless the step is accepted. Every single-image step
-            goes through this one graph: inlined into other graphs, the step was optimised differently and rounded
-            the last bit of rho differently in about 2% of steps.
-            """
-            side = tf.cond(tf.size(window) > 0, lambda: fooled_batch(images, labels, window, rho),
-                           lambda: tf.zeros([0], tf.bool))
+        def one_step(images, labels, j, rho, xi, eps):
+            """Check, gradient, step, check, project for image j: (rho after it, whether j was unfooled, whether its
+            step was accepted). The check and the gradient share one forward pass; the backward pass runs only for an
+            image not yet fooled."""
             x, y = images[j], labels[j]
             xr = perturbed(x + rho)[None]
             with tf.GradientTape() as tape:
@@ -153,7 +147,31 @@ class _CompiledLoop:
                 return tf.cond(success, lambda: project_tf(x_adv - x, xi), lambda: rho), success
 
             new_rho, accepted = tf.cond(already, lambda: (rho, tf.constant(False)), attack)
-            return new_rho, tf.logical_not(already), accepted, side
+            return new_rho, tf.logical_not(already), accepted
+
+        def walk(images, labels, idx, skip, rho, xi, eps):
+            """The plain loop over images `idx`, in order, in one graph call: (rho after them, whether each image was
+            fooled when visited, whether each one's step was accepted). `skip`: images known to be fooled under the
+            rho the walk starts from, passed over until a step is accepted (as the plain loop would: no step).
+            Every single-image step goes through this one graph (one image a call for the plain loop): inlined into
+            other graphs, the step was optimised differently and rounded the last bit of rho differently in about
+            2% of steps."""
+            n = tf.size(idx)
+
+            def body(t, rho, moved, outcomes):
+                def visit():
+                    new_rho, unfooled, accepted = one_step(images, labels, idx[t], rho, xi, eps)
+                    return new_rho, tf.logical_not(unfooled), accepted
+
+                new_rho, fooled_here, accepted = tf.cond(tf.logical_and(skip[t], tf.logical_not(moved)),
+                                                         lambda: (rho, tf.constant(True), tf.constant(False)), visit)
+                outcome = tf.stack([fooled_here, accepted])
+                return t + 1, new_rho, tf.logical_or(moved, accepted), outcomes.write(t, outcome)
+
+            _, rho, _, outcomes = tf.while_loop(lambda t, *_: t < n, body, (tf.constant(0), rho, tf.constant(False),
+                                                                             tf.TensorArray(tf.bool, size=n)))
+            outcomes = outcomes.stack()
+            return rho, outcomes[:, 0], outcomes[:, 1]
 
         def fooled_batch(images, labels, idx, rho):
             pred = tf.argmax(log_probs_of(perturbed(tf.gather(images, idx) + rho)), axis=1, output_type=tf.int32)
@@ -205,7 +223,7 @@ class _CompiledLoop:
         images, labels = tf.TensorSpec([None, size, size], tf.float32), tf.TensorSpec([None], tf.int32)
         index, indices = tf.TensorSpec([], tf.int32), tf.TensorSpec([None], tf.int32)
         held = [images, labels]
-        self.step = GraphFunction(tf, step, held + [index, plane, scalar, scalar, indices])
+        self.walk = GraphFunction(tf, walk, held + [indices, tf.TensorSpec([None], tf.bool), plane, scalar, scalar])
         self.sgd_step = GraphFunction(tf, sgd_step, held + [indices, plane, plane, scalar, scalar, scalar, scalar])
         self.fooled_batch = GraphFunction(tf, fooled_batch, held + [indices, plane])
         self.accepted_batch = GraphFunction(tf, accepted_batch, held + [indices, plane, scalar])
@@ -276,8 +294,8 @@ class _LookAhead:
     accept: float = 0.5
 
     def probe(self, cap: int) -> int:
-        """Unfooled images to probe in one batched call; 1 (step them one by one) where steps are accepted so often
-        that a batched probe would mostly be redone by the single-image step after it."""
+        """Unfooled images to probe in one batched call; 1 (walk through the images instead) where steps are
+        accepted so often that a batched probe would mostly be redone by the single-image step after it."""
         run = round(1.0 / max(self.accept, 1e-3))
         return int(min(cap, run)) if run >= MIN_PROBE else 1
 
@@ -303,11 +321,13 @@ class UAPAttack:
     `speculative=True` evaluates a window of upcoming images against the current rho in one batched call: which are
     already fooled, and, for the first unfooled ones, whether their step would be accepted. rho changes only at an
     accepted step, so every image before the first acceptance is done (skipped or rejected) exactly as the plain
-    loop would; the accepted image itself is then stepped by the plain loop's single-image call, and the window
+    loop would; the accepted image itself is then stepped by the plain loop's single-image graph, and the window
     resumes after it. Statuses stay known until rho moves (the per-pass evaluation supplies them for the start of
     the next pass), and window and probe sizes follow running estimates of how many images are unfooled and how
-    many steps are accepted; where most steps are accepted, the single-image call checks the next few images beside
-    its step instead. The result equals the plain loop's. Both stop after a pass that accepts no step (every
+    many steps are accepted. Where most steps are accepted, batched checks would mostly be redone after the next
+    step: the loop then walks through the next WALK images in one call of that graph instead, visiting them in
+    order as the plain loop does (one image a call), past the images it knows are fooled until rho moves.
+    The result equals the plain loop's. Both stop after a pass that accepts no step (every
     later pass would repeat it), as well as at a crafting rate of 1 - delta or after max_iter passes;
     `stop_at_fixed_point=False` runs the remaining passes anyway (same UAP; a benchmark compares equal passes so).
     """
@@ -376,55 +396,56 @@ class UAPAttack:
             if self.progress and i // 64 > shown:
                 shown = i // 64
                 self.progress(pass_no, i, n, None)
-            probed = 0  # unfooled images whose step the look-ahead found rejected, before the one stepped below
-            unseen = not self.speculative  # whether only the single-image step below sees whether j is fooled
-            side = order[:0]  # images checked side by side with the step below
-            if self.speculative:
-                probe = ahead.probe(self.batch_size)
+            probed = 0  # unfooled images whose step the look-ahead found rejected, before the walk below
+            walk = order[i : i + 1]  # the images the walk below visits, in one call
+            probe = ahead.probe(self.batch_size) if self.speculative else 1
+            if probe > 1:
                 known = valid[order[i : i + MAX_WINDOW]]
                 run = len(known) if known.all() else int(np.argmin(known))  # statuses known without a model call
                 if run:
                     idx = order[i : i + run]
                     candidates = np.flatnonzero(~status[idx])[:probe]
-                    accepted = (loop.accepted_batch(*held, idx[candidates], rho, eps).numpy()
-                                if probe > 1 and len(candidates) else None)
-                elif probe > 1:
+                    accepted = (loop.accepted_batch(*held, idx[candidates], rho, eps).numpy() if len(candidates)
+                                else None)
+                else:
                     idx = order[i : i + ahead.window(probe)]
                     is_fooled, candidates, accepted = (t.numpy() for t in loop.scan(*held, idx, rho, eps,
                                                                                     np.int32(probe)))
                     status[idx], valid[idx] = is_fooled, True
                     ahead.checked(len(idx), len(idx) - int(is_fooled.sum()))
-                else:  # steps accepted often: the step below checks this image itself, and the next few beside it
-                    idx, candidates, accepted, unseen = order[i : i + 1], np.zeros(1, int), None, True
-                    side = order[i + 1 : i + 1 + ahead.window(1)]
                 if not len(candidates):
                     i += len(idx)
                     continue
-                if accepted is not None and not accepted.any():  # all rejected: rho stays
+                if not accepted.any():  # all rejected: rho stays
                     steps += len(candidates)
                     ahead.stepped(len(candidates), 0)
                     more = np.count_nonzero(~status[idx]) > len(candidates)  # unfooled images beyond the probe
                     i += int(candidates[-1]) + 1 if more else len(idx)
                     continue
-                probed = int(np.argmax(accepted)) if accepted is not None else 0
+                probed = int(np.argmax(accepted))
                 steps += probed
                 i += int(candidates[probed])
-            j = order[i]  # plain loop, or the first image whose step the look-ahead did not find rejected
-            rho, unfooled, accepted_here, side_fooled = loop.step(*held, j, rho, xi, eps, side)
-            if len(side) and not accepted_here:  # rho stayed, so the side statuses hold
-                status[side], valid[side] = np.asarray(side_fooled), True
-                ahead.checked(len(side), int(np.sum(~status[side])))
-            steps += int(unfooled)
-            moved = moved or bool(accepted_here)
+                walk = order[i : i + 1]
+            elif self.speculative:  # steps accepted often: walk through the next images in one call
+                walk = order[i : i + WALK]
+            skip = valid[walk] & status[walk] if self.speculative else np.zeros(len(walk), bool)
+            if skip.all():
+                i += len(walk)
+                continue
+            rho, was_fooled, accepted_here = loop.walk(*held, walk, skip, rho, xi, eps)
+            was_fooled, accepted_here = was_fooled.numpy(), accepted_here.numpy()
+            unfooled = len(walk) - int(was_fooled.sum())
+            steps += unfooled
+            moved = moved or bool(accepted_here.any())
             if self.speculative:
-                ahead.stepped(probed + int(bool(unfooled)), int(bool(accepted_here)))
-                if unseen:
-                    ahead.checked(1, int(bool(unfooled)))
-                if not unfooled:
-                    status[j] = valid[j] = True
-                elif accepted_here:
-                    valid[:] = False
-            i += 1
+                ahead.stepped(probed + unfooled, int(accepted_here.sum()))
+                if len(walk) > 1:
+                    ahead.checked(int(np.count_nonzero(~skip)), unfooled)
+                after = len(walk) - int(np.argmax(accepted_here[::-1])) if accepted_here.any() else 0
+                if after:
+                    valid[:] = False  # rho moved: only the images walked after its last move are known
+                status[walk[after:]], valid[walk[after:]] = was_fooled[after:], True
+            i += len(walk)
         return np.asarray(rho, np.float32), steps, moved
 
 

@@ -174,7 +174,7 @@ def main(argv=None) -> None:
     loop = _compiled(adapter, "inf", True, False)
     w, rho0, f32 = loop.hold(craft[:4], np.zeros(4, np.int32)), np.zeros(craft.shape[1:], np.float32), np.float32
     some = np.arange(1, 4, dtype=np.int32)
-    loop.step(*w, np.int32(0), rho0, f32(xi), f32(args.eps), some)
+    loop.walk(*w, some, np.zeros(len(some), bool), rho0, f32(xi), f32(args.eps))
     loop.fooled_batch(*w, some, rho0), loop.accepted_batch(*w, some, rho0, f32(args.eps))
     loop.scan(*w, some, rho0, f32(args.eps), np.int32(2))
     loop.sgd_step(*w, some, rho0, rho0, f32(xi), f32(xi), f32(3), f32(0.9))

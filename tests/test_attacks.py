@@ -225,9 +225,9 @@ def test_sgd_mode_stays_in_the_ball_is_seeded_and_beats_random(reg, norm, target
 
 
 @pytest.mark.parametrize("norm", ["inf", "2"])
-def test_the_step_is_the_same_with_or_without_a_side_check(tiny_model, phantom_manifest, norm):
-    """The speculative loop checks upcoming images beside a step, the plain loop never does: the step's rho and
-    verdicts must not depend on it, bit for bit."""
+def test_a_walk_through_several_images_equals_one_call_per_image(tiny_model, phantom_manifest, norm):
+    """The speculative loop walks through several images in one graph call, passing over those it knows are fooled,
+    the plain loop visits one image a call: rho and every verdict must be the same, bit for bit."""
     from auditkit.attacks import _compiled
     from auditkit.data import Preprocess, load_dataset
     from auditkit.models import load_model
@@ -241,17 +241,39 @@ def test_the_step_is_the_same_with_or_without_a_side_check(tiny_model, phantom_m
     xi, _ = xi_for(X, norm, 0.1)
     xi, eps = np.float32(xi), np.float32(0.05 if norm == "inf" else 1.0)
     rng = np.random.default_rng(0)
-    accepted = 0
-    for _ in range(60):
-        j = np.int32(rng.integers(len(X)))
-        rho = project(rng.uniform(-1, 1, X.shape[1:]).astype(np.float32), norm, float(xi) * rng.random())
-        alone = [t.numpy() for t in loop.step(*held, j, rho, xi, eps, np.zeros(0, np.int32))]
-        window = rng.integers(len(X), size=int(rng.integers(1, 6))).astype(np.int32)
-        beside = [t.numpy() for t in loop.step(*held, j, rho, xi, eps, window)]
-        assert all(np.array_equal(a, b) for a, b in zip(alone[:3], beside[:3]))
-        np.testing.assert_array_equal(beside[3], loop.fooled_batch(*held, window, rho).numpy())
-        accepted += bool(alone[2])
-    assert accepted >= 10, "too few accepted steps for the comparison to mean anything"
+    uap = UAPAttack(norm, float(xi), eps=float(eps), max_iter=3).craft(adapter, X, Nontargeted(), rng).rho
+    everyone = np.arange(len(X), dtype=np.int32)
+    accepted = skipped = revisited = 0
+    for _ in range(40):  # rho between zero and a UAP: some images fooled, some not
+        noise = project(rng.uniform(-1, 1, X.shape[1:]).astype(np.float32), norm, 0.2 * float(xi))
+        rho = project((0.4 + 0.6 * rng.random()) * uap + noise, norm, float(xi))
+        fooled = loop.fooled_batch(*held, everyone, rho).numpy()
+        if fooled.all() or not fooled.any():
+            continue
+        # first an unfooled image whose step is accepted, then images fooled before that step but not after it:
+        # known fooled when the walk starts, they must be visited again once rho moved
+        def unfooled_by(first):
+            moved = loop.walk(*held, np.int32([first]), np.zeros(1, bool), rho, xi, eps)[0]
+            return np.flatnonzero(fooled & ~loop.fooled_batch(*held, everyone, moved).numpy())
+
+        first = max(rng.permutation(np.flatnonzero(~fooled))[:5], key=lambda j: len(unfooled_by(j)))
+        unfooled_by_it = unfooled_by(first)
+        walk = np.concatenate([rng.choice(np.flatnonzero(fooled), int(rng.integers(0, 4))), [first],
+                               rng.choice(unfooled_by_it, min(3, len(unfooled_by_it)), replace=False),
+                               rng.integers(len(X), size=int(rng.integers(0, 4)))]).astype(np.int32)
+        skip = fooled[walk] & (rng.random(len(walk)) < 0.8)  # known fooled, said or not
+        walked = [t.numpy() for t in loop.walk(*held, walk, skip, rho, xi, eps)]
+        verdicts = []
+        for j in walk:
+            rho, was_fooled, step_accepted = loop.walk(*held, j[None], np.zeros(1, bool), rho, xi, eps)
+            verdicts.append((bool(was_fooled[0]), bool(step_accepted[0])))
+        np.testing.assert_array_equal(walked[0], rho.numpy())
+        assert list(zip(walked[1].tolist(), walked[2].tolist())) == verdicts
+        first_move = int(np.argmax(walked[2])) if walked[2].any() else len(walk)
+        accepted += int(walked[2].sum())
+        skipped += int(skip[:first_move].sum())
+        revisited += int(np.sum(skip[first_move + 1 :] & ~walked[1][first_move + 1 :]))
+    assert min(accepted, skipped, revisited) >= 5, f"too few cases: {accepted}, {skipped}, {revisited}"
 
 
 def test_the_loop_follows_weights_changed_in_place(tiny_model, phantom_manifest):

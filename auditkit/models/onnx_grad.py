@@ -456,7 +456,7 @@ class _HostMask(np.ndarray):
 
 
 class ArrayUAPLoop:
-    """The UAP engine's loop ops (attacks._CompiledLoop's step / fooled_batch / accepted_batch / scan / sgd_step,
+    """The UAP engine's loop ops (attacks._CompiledLoop's walk / fooled_batch / accepted_batch / scan / sgd_step,
     same semantics) in numpy over a model that gives log-probabilities and loss gradients as arrays (ONNX)."""
 
     def __init__(self, model, norm: str, clip: bool, targeted: bool):
@@ -480,19 +480,28 @@ class ArrayUAPLoop:
         """The arrays as the calls take them for a whole craft."""
         return tuple(np.asarray(a) for a in arrays)
 
-    def step(self, images, labels, j, rho, xi, eps, window):
-        """Check, gradient, step, check, project for one visited image (`images[j]`), and whether each image of
-        `window` is fooled under the same rho -> (rho, was unfooled, accepted, window statuses)."""
-        side = self.fooled_batch(images, labels, window, rho) if len(window) else np.zeros(0, bool)
+    def _step(self, images, labels, j, rho, xi, eps):
+        """Check, gradient, step, check, project for one visited image -> (rho, was unfooled, accepted)."""
         x, y = images[j], int(labels[j])
         xr = self._perturbed(x + rho)[None]
         if self._fooled(int(np.argmax(self._model.log_probs(xr)[0])), y):
-            return rho, False, False, side
+            return rho, False, False
         _, g = self._model.log_probs_and_gradient(xr, np.asarray([y]))
         # x + (rho + step): the order TF's graph optimizer gives the traced loop, so the two agree bit for bit
         x_adv = self._perturbed(x + (rho + (-eps if self._targeted else eps) * self._direction(g[0])))
         success = bool(self._fooled(int(np.argmax(self._model.log_probs(x_adv[None])[0])), y))
-        return (self._project(x_adv - x, self._norm, xi) if success else rho), True, success, side
+        return (self._project(x_adv - x, self._norm, xi) if success else rho), True, success
+
+    def walk(self, images, labels, idx, skip, rho, xi, eps):
+        """The plain loop over images `idx` in order, passing over those `skip` says are fooled until rho moves
+        -> (rho, whether each image was fooled when visited, whether each one's step was accepted)."""
+        was_fooled, accepted = np.ones(len(idx), bool), np.zeros(len(idx), bool)
+        for t, j in enumerate(idx):
+            if skip[t] and not accepted.any():
+                continue
+            rho, unfooled, accepted[t] = self._step(images, labels, j, rho, xi, eps)
+            was_fooled[t] = not unfooled
+        return rho, was_fooled.view(_HostMask), accepted.view(_HostMask)
 
     def fooled_batch(self, images, labels, idx, rho) -> _HostMask:
         pred = np.argmax(self._model.log_probs(self._perturbed(images[idx] + rho)), axis=1)
