@@ -87,3 +87,24 @@ def test_the_adapter_loop_runs_the_rewritten_model(convnet, monkeypatch):
     loop_gradient = tape.gradient(loss, images).numpy()
     np.testing.assert_allclose(loop_gradient, adapter.loss_gradient(images.numpy(), labels.numpy()),
                                rtol=1e-4, atol=1e-6 * np.abs(loop_gradient).max())
+
+
+def test_a_model_whose_frozen_graph_cannot_be_differentiated_runs_unfrozen_in_the_loop():
+    """Keras' grouped convolution is an XLA-compiled function call, which TF cannot differentiate once the model is
+    frozen: the loop then runs the model as it is, with the same gradients as the adapter's."""
+    tf = configure_tensorflow()
+    import keras
+    from keras import layers
+
+    image = keras.Input((16, 16, 1), name="image")
+    x = layers.Conv2D(4, 3, padding="same", name="widen")(image)
+    x = layers.Conv2D(4, 3, padding="same", groups=2, name="grouped")(x)
+    probs = layers.Dense(3, activation="softmax")(layers.GlobalAveragePooling2D()(x))
+    adapter = keras_adapter(keras.Model(image, probs), spec_overrides={"classes": ["a", "b", "c"]})
+    images = tf.constant(np.random.default_rng(2).random((3, 16, 16), dtype=np.float32))
+    labels = tf.constant([0, 2, 1])
+    with tf.GradientTape() as tape:
+        tape.watch(images)
+        loss = -tf.gather(adapter.loop_log_probs()[1](images), labels, axis=1, batch_dims=1)
+    np.testing.assert_allclose(tape.gradient(loss, images).numpy(),
+                               adapter.loss_gradient(images.numpy(), labels.numpy()), rtol=1e-5, atol=1e-7)
