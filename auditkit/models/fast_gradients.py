@@ -10,7 +10,7 @@ predictions are the same bit for bit):
 - k x k kernel with stride k and no padding (a patch embedding such as a stem): a matrix product, then the patches
   put back in place with a transpose;
 - stride 1, odd kernel sizes, SAME padding: a forward convolution of the output gradient with the kernel flipped
-  and its channels swapped (1.3-2.2x faster than the backprop kernel; rounds differently, by ~1e-6 relative).
+  and its channels swapped (1.15-2.3x faster than the backprop kernel; rounds differently, by ~1e-6 relative).
 
 Only convolutions whose kernel is a constant are rewritten (the loop's graph freezes the weights), so no kernel
 gradient is ever needed: these gradient functions return none for it.
