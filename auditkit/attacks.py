@@ -397,7 +397,6 @@ class UAPAttack:
                 shown = i // 64
                 self.progress(pass_no, i, n, None)
             probed = 0  # unfooled images whose step the look-ahead found rejected, before the walk below
-            walk = order[i : i + 1]  # the images the walk below visits, in one call
             probe = ahead.probe(self.batch_size) if self.speculative else 1
             if probe > 1:
                 known = valid[order[i : i + MAX_WINDOW]]
@@ -425,9 +424,8 @@ class UAPAttack:
                 probed = int(np.argmax(accepted))
                 steps += probed
                 i += int(candidates[probed])
-                walk = order[i : i + 1]
-            elif self.speculative:  # steps accepted often: walk through the next images in one call
-                walk = order[i : i + WALK]
+            # the images the walk below visits in one call: where steps are accepted often, the next WALK ones
+            walk = order[i : i + (WALK if self.speculative and probe == 1 else 1)]
             skip = valid[walk] & status[walk] if self.speculative else np.zeros(len(walk), bool)
             if skip.all():
                 i += len(walk)
