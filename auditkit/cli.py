@@ -190,7 +190,7 @@ def harden_cmd(
     """Adversarially retrain a model (paper section 2.4): writes hardened.keras, hardened.onnx (parity-checked)
     and hardening.json. Rerunning the same command resumes after the last finished round."""
     from . import api
-    from .results import atomic_write_text
+    from .fileio import atomic_write_text
 
     pol = api.load_policy(policy)
     if seed is not None:

@@ -12,7 +12,6 @@ import json
 import numbers
 import os
 import stat
-import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ import PIL
 from PIL import Image, ImageOps
 
 from .errors import AuditkitError
+from .fileio import atomic_write
 
 FORMATS = ("auto", "csv", "jsonl", "covidx", "folders")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")
@@ -557,18 +557,7 @@ def _write_cache(stem: Path, images: np.ndarray, content_sha: str) -> None:
     meta = json.dumps({"content_sha256": content_sha, "shape": list(images.shape)}).encode()
     try:
         stem.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(stem.with_suffix(".npy"), lambda f: np.save(f, images, allow_pickle=False))
-        _write_atomic(stem.with_suffix(".json"), lambda f: f.write(meta))
+        atomic_write(stem.with_suffix(".npy"), lambda f: np.save(f, images, allow_pickle=False))
+        atomic_write(stem.with_suffix(".json"), lambda f: f.write(meta))
     except OSError as e:
         warnings.warn(f"could not write dataset cache {stem}: {_one_line(e)}", stacklevel=3)
-
-
-def _write_atomic(file: Path, write: Callable) -> None:
-    fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=file.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, file)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

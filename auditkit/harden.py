@@ -27,7 +27,8 @@ from .errors import AuditkitError
 from .models import keras_adapter, load_model
 from .models.adapters import KerasAdapter, ModelAdapter, model_input, op_determinism
 from .policy import AttackGrid, Cell, Hardening
-from .results import HardeningRecord, HardeningRound, atomic_write_bytes, atomic_write_text
+from .fileio import atomic_write_bytes, atomic_write_text
+from .results import HardeningRecord, HardeningRound
 
 STATE_VERSION = 1
 PARITY_TOLERANCE = 1e-4

@@ -23,7 +23,8 @@ from markupsafe import Markup
 
 from .errors import AuditkitError
 from .metrics import Rate, row_normalise
-from .results import (AuditResult, CellResult, Example, RuleResult, atomic_write_bytes, atomic_write_text,
+from .fileio import atomic_write_bytes, atomic_write_text
+from .results import (AuditResult, CellResult, Example, RuleResult,
                       write_json)
 
 # an installed wheel has auditkit/templates/; a source checkout has the repo's top-level templates/

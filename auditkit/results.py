@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -12,11 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from .errors import AuditkitError
+from .fileio import atomic_write_text
 from .metrics import Rate
 
 SCHEMA_VERSION = "1.0"
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 
 
 @dataclass
@@ -275,25 +272,6 @@ def read_json(path: Path) -> AuditResult:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AuditkitError(f"not valid JSON ({exc})", str(path)) from None
     return from_dict(data, str(path))
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs are ordinary files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def _clean_floats(obj: Any) -> Any:

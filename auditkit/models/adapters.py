@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import AuditkitError
+from ..fileio import sha256_files
 from .fast_gradients import with_fast_input_gradients
 from .spec import ModelSpec
 
@@ -125,19 +126,6 @@ def _import_tensorflow_quietly():
         os.close(saved)
         os.close(devnull)
     return tf
-
-
-def sha256_files(root: Path) -> dict[str, str]:
-    """sha256 of a model file, or of every file below a model directory (relative posix names)."""
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-    out = {}
-    for f in files:
-        h = hashlib.sha256()
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-        out[f.name if root.is_file() else f.relative_to(root).as_posix()] = h.hexdigest()
-    return out
 
 
 class ModelAdapter:

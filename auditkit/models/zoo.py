@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime
 import functools
-import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import numpy as np
 import yaml
 
 from ..errors import AuditkitError
+from ..fileio import sha256_file
 from .adapters import configure_tensorflow
 
 ZOO_CLASSES = ("normal", "pneumonia", "COVID-19")
@@ -247,10 +247,6 @@ def weights_info(name: str) -> dict:
         raise AuditkitError(f"unreadable weights metadata ({exc})", where=str(path)) from None
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def load_zoo_model(name: str):
     """Build a zoo model and load its shipped weights (checked against the recorded sha256)."""
     entry = _zoo_entry(name)
@@ -259,7 +255,7 @@ def load_zoo_model(name: str):
         raise AuditkitError(f"zoo model {name} has no trained weights; run `auditkit zoo train {name}`",
                             where=str(path))
     expected = weights_info(name).get("sha256")
-    if expected and _sha256(path) != expected:
+    if expected and sha256_file(path) != expected:
         raise AuditkitError(f"weights file does not match the sha256 recorded in {_info_path(name).name}",
                             where=str(path))
     model = build_model(entry.name)
@@ -320,7 +316,7 @@ def train_zoo_weights(name: str, *, epochs: int = 30, seed: int = 0, learning_ra
         "test_accuracy": accuracy,
         "history": history,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
-        "sha256": _sha256(weights),
+        "sha256": sha256_file(weights),
     }
     (out / f"{name}.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return info
