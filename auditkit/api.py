@@ -1,6 +1,8 @@
 """The Python API: everything the CLI does, callable without it."""
 from __future__ import annotations
 
+import dataclasses
+import json
 import shutil
 import uuid
 from pathlib import Path
@@ -9,14 +11,15 @@ from typing import Any, Callable, Mapping, Sequence
 from .audit import Progress, SilentProgress, load_policy_data, run_audit
 from .data import Dataset, Preprocess, load_dataset
 from .errors import AuditkitError
+from .fileio import atomic_write_text
 from .models import ModelAdapter, load_model
 from .policy import Policy, load_policy
-from .results import AuditResult, read_json
+from .results import AuditResult, HardeningRecord, read_json
 
 AFTER_DIR = "after-hardening"  # the hardened model's audit: its UAPs and samples
 
-__all__ = ["harden_model", "load_policy_data", "run", "rerender", "load_model", "load_dataset", "load_policy", "Preprocess", "Dataset", "ModelAdapter",
-           "Policy", "AuditResult"]
+__all__ = ["run", "harden", "harden_model", "train_zoo", "rerender", "load_policy_data", "load_model", "load_dataset",
+           "load_policy", "Preprocess", "Dataset", "ModelAdapter", "Policy", "AuditResult"]
 
 
 def run(model: str | Path | ModelAdapter, policy: str | Path | Policy, out_dir: str | Path, *,
@@ -38,12 +41,7 @@ def run(model: str | Path | ModelAdapter, policy: str | Path | Policy, out_dir: 
     sibling folder first and moved into place at the end, so a run that fails leaves no half-written output.
     """
     policy_path = "" if isinstance(policy, Policy) else str(policy)
-    if not isinstance(policy, Policy):
-        policy = load_policy(policy)
-    if seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise AuditkitError(f"must be a non-negative integer, got {seed!r}", "seed")
-        policy = policy.model_copy(update={"seed": seed})
+    policy = _with_seed(policy if isinstance(policy, Policy) else load_policy(policy), seed)
     if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
         raise AuditkitError(f"must be a positive integer, got {jobs!r}", "jobs")
     adapter = model if isinstance(model, ModelAdapter) else load_model(model, spec_overrides)
@@ -80,6 +78,38 @@ def run(model: str | Path | ModelAdapter, policy: str | Path | Policy, out_dir: 
     return result
 
 
+def harden(model: str | Path | ModelAdapter, policy: str | Path | Policy, out_dir: str | Path, *,
+           data: str | Path | None = None, seed: int | None = None, spec_overrides: Mapping[str, Any] | None = None,
+           progress: Progress | None = None, log: Callable[[str], None] = lambda _msg: None) -> HardeningRecord:
+    """Adversarial retraining alone: hardened.keras, hardened.onnx (parity-checked), hardened.yaml and
+    hardening.json in `out_dir`, written through a staging folder as `run` writes; the round checkpoints in
+    out_dir/hardening/ stay, so rerunning the same call resumes after the last finished round."""
+    policy = _with_seed(policy if isinstance(policy, Policy) else load_policy(policy), seed)
+    adapter = model if isinstance(model, ModelAdapter) else load_model(model, spec_overrides)
+    from .harden import check_trainable
+
+    check_trainable(adapter)
+    dataset, _, _ = load_policy_data(policy, policy.data.preprocess.size or adapter.spec.input_size, data, progress)
+    out_dir = Path(out_dir)
+    work = _staging_dir(out_dir)
+    try:
+        _, record = harden_model(policy, adapter, dataset, work, progress=progress, log=log,
+                                 checkpoint_dir=out_dir / "hardening")
+        atomic_write_text(work / "hardening.json", json.dumps(dataclasses.asdict(record), indent=2) + "\n")
+        _publish(work, out_dir)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return record
+
+
+def _with_seed(policy: Policy, seed: int | None) -> Policy:
+    if seed is None:
+        return policy
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise AuditkitError(f"must be a non-negative integer, got {seed!r}", "seed")
+    return policy.model_copy(update={"seed": seed})
+
+
 def harden_model(policy: Policy, model: ModelAdapter, dataset: Dataset, out_dir: Path, *,
                  progress: Progress | None = None, log: Callable[[str], None] = lambda _msg: None,
                  checkpoint_dir: Path | None = None):
@@ -93,7 +123,7 @@ def harden_model(policy: Policy, model: ModelAdapter, dataset: Dataset, out_dir:
     from .harden import harden
 
     cfg = policy.data
-    splits = prepare_splits(policy, model, dataset, progress or SilentProgress())
+    splits = prepare_splits(cfg, policy.seed, model, dataset, progress or SilentProgress())
     held_out = [s for s in cfg.eval_splits if s != cfg.craft_split]
     if not held_out:
         raise AuditkitError("hardening needs a held-out split in data.eval_splits besides the crafting split",
@@ -116,6 +146,14 @@ class _StepProgress:
             self.progress.start(label, total)
             self.label = label
         self.progress.update(done)
+
+
+def train_zoo(name: str, *, data: str | Path | None = None, out_dir: str | Path | None = None, epochs: int = 30,
+              seed: int = 0, progress: Callable[[int, dict], None] | None = None) -> dict:
+    """Train a zoo model with the deterministic recipe behind the shipped weights (see training)."""
+    from .training import train_zoo_weights
+
+    return train_zoo_weights(name, epochs=epochs, seed=seed, manifest=data, out_dir=out_dir, progress=progress)
 
 
 def rerender(results_json: str | Path, out_dir: str | Path | None = None,

@@ -1,14 +1,12 @@
 """Run a policy against a model and a dataset: clean baseline, UAP cells, random controls, thresholds."""
 from __future__ import annotations
 
-import functools
-import hashlib
 import os
 import platform
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
@@ -17,16 +15,19 @@ import numpy as np
 
 from . import __version__
 from . import metrics as M
-from .attacks import Nontargeted, SGDUAPAttack, Targeted, UAPAttack, perturb, random_control, xi_for
+from . import perceptibility as P
 from .data import Dataset, Preprocess, load_dataset
 from .errors import AuditkitError
-from .models import ModelAdapter, configure_tensorflow
-from .models.adapters import GraphFunction
-from .policy import Cell, Policy, Threshold, validate_against_classes
+from .models import ModelAdapter
+from .policy import DataConfig, Policy, validate_against_classes
 from .results import (AuditResult, CellResult, ControlSummary, DataInfo, DeployParity, Example, ModelInfo,
-                      Provenance, RuleResult, SplitEval, TransferEval)
+                      Provenance, SplitEval, TransferEval)
+from .rules import apply_rules, verdict
+from .uap import make_attack
+from .uap.base import AttackSettings, cell_rng
+from .uap.criteria import criterion_for
+from .uap.geometry import perturb, random_control, xi_for
 
-SSIM_BATCH = 64
 DEPLOY_TOLERANCE = 1e-4  # max |Δprob| between the audited model and its deployed twin
 
 
@@ -53,12 +54,6 @@ class Split:
     labels: np.ndarray
     ids: list[str]
     clean_pred: np.ndarray
-
-
-def cell_rng(seed: int, key: str) -> np.random.Generator:
-    """Independent stream per cell, from the policy seed and the cell key: cells can run in any order."""
-    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
-    return np.random.default_rng(int.from_bytes(digest[:16], "little"))
 
 
 def load_policy_data(policy: Policy, size: int, manifest: str | Path | None = None,
@@ -96,41 +91,85 @@ def run_audit(policy: Policy, model: ModelAdapter, dataset: Dataset, *, syntheti
     """
     progress = progress or SilentProgress()
     started, t0 = datetime.now(timezone.utc), time.perf_counter()
-    classes = _check_classes(model, dataset)
-    for other in (surrogate, deploy, *transfer):
-        if other is not None:
-            _check_compatible(model, other)
-    crafter = surrogate or model
-    validate_against_classes(policy, classes)
-    if any(g.algorithm != "blackbox" for g in policy.attacks):
-        crafter.require_gradients()
-    splits = prepare_splits(policy, model, dataset, progress)
-    craft = splits[policy.data.craft_split]
-    if surrogate is not None:  # the loop's clean predictions C(x) are the crafting model's
-        craft = Split(craft.name, craft.images, craft.labels, craft.ids, surrogate.predict(craft.images))
-    clean = {name: evaluate(splits[name], None, classes) for name in policy.data.eval_splits}
-    others = {m.name: m for m in ([deploy] if deploy else []) + list(transfer)}
-    other_clean = {name: {s: m.predict(splits[s].images) for s in policy.data.eval_splits}
-                   for name, m in others.items()}
+    run = AuditRun.prepare(policy, model, dataset, out_dir, progress, surrogate=surrogate, deploy=deploy,
+                           transfer=transfer)
+    cells = run.run_cells(policy.cells(run.classes), progress, log, jobs)
+    rules = apply_rules(policy.thresholds, cells, run.clean)
+    finished = datetime.now(timezone.utc)
+    return AuditResult(
+        title=policy.report.title, organisation=policy.report.organisation, intended_use=policy.report.intended_use,
+        verdict=verdict(rules), model=model_info(model), data=_data_info(policy.data, dataset, data_format, synthetic),
+        clean=run.clean, cells=cells, rules=rules,
+        provenance=_provenance(policy, policy_path, command, started, finished, time.perf_counter() - t0),
+        crafted_on=model_info(surrogate) if surrogate else None,
+        deploy=_deploy_parity(model, deploy, run.splits, run.eval_splits) if deploy else None,
+        transfer_models=[model_info(m) for m in run.others.values()],
+    )
 
-    def run_cell(cell: Cell, cell_progress: Progress) -> CellResult:
-        result = _run_cell(policy, cell, model, crafter, craft, splits, classes, out_dir, cell_progress)
-        result.transfer = {name: _transfer_evals(result, m, model, splits, other_clean[name], policy, classes,
-                                                 out_dir) for name, m in others.items()}
-        return result
 
-    def logged(result: CellResult) -> CellResult:
-        log(f"{result.key}: " + ", ".join(f"{s} {result.headline(s).value:.1%}" for s in policy.data.eval_splits))
-        return result
+@dataclass
+class AuditRun:
+    """What one audit's cells share: the models, the prepared splits, the clean baseline and where UAPs go."""
 
-    todo = policy.cells(classes)
-    jobs = min(len(todo), jobs or os.cpu_count() or 1)
-    if jobs <= 1:
-        cells = [logged(run_cell(cell, progress)) for cell in todo]
-    else:  # one bar for the whole grid: the cells' own passes interleave
-        progress.start(f"crafting and evaluating {len(todo)} cells, {jobs} at a time", len(todo))
+    model: ModelAdapter  # the audited model: every evaluation runs on it
+    crafter: ModelAdapter  # the model UAPs are crafted on (the audited one, or a surrogate)
+    classes: list[str]
+    splits: dict[str, Split]
+    craft: Split  # the crafting split, with the crafter's clean predictions
+    eval_splits: list[str]
+    seed: int
+    control_draws: int
+    out_dir: Path
+    clean: dict[str, SplitEval] = field(default_factory=dict)
+    others: dict[str, ModelAdapter] = field(default_factory=dict)  # deployed twin and transfer targets, by name
+    other_clean: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # their clean predictions
+
+    @classmethod
+    def prepare(cls, policy: Policy, model: ModelAdapter, dataset: Dataset, out_dir: Path, progress: Progress, *,
+                surrogate: ModelAdapter | None = None, deploy: ModelAdapter | None = None,
+                transfer: Sequence[ModelAdapter] = ()) -> AuditRun:
+        """Check the models against each other and the policy, then predict the clean splits."""
+        classes = _check_classes(model, dataset)
+        for other in (surrogate, deploy, *transfer):
+            if other is not None:
+                _check_compatible(model, other)
+        crafter = surrogate or model
+        validate_against_classes(policy, classes)
+        if any(g.algorithm != "blackbox" for g in policy.attacks):
+            crafter.require_gradients()
+        cfg = policy.data
+        splits = prepare_splits(cfg, policy.seed, model, dataset, progress)
+        craft = splits[cfg.craft_split]
+        if surrogate is not None:  # the loop's clean predictions C(x) are the crafting model's
+            craft = Split(craft.name, craft.images, craft.labels, craft.ids, surrogate.predict(craft.images))
+        others = {m.name: m for m in ([deploy] if deploy else []) + list(transfer)}
+        return cls(model=model, crafter=crafter, classes=classes, splits=splits, craft=craft,
+                   eval_splits=list(cfg.eval_splits), seed=policy.seed, control_draws=policy.random_controls.draws,
+                   out_dir=out_dir,
+                   clean={name: evaluate(splits[name], None, classes) for name in cfg.eval_splits}, others=others,
+                   other_clean={name: {s: m.predict(splits[s].images) for s in cfg.eval_splits}
+                                for name, m in others.items()})
+
+    @property
+    def example_split(self) -> Split:
+        """Where the report's example image comes from: the first evaluated split other than the crafting one."""
+        held_out = [s for s in self.eval_splits if s != self.craft.name]
+        return self.splits[(held_out or self.eval_splits)[0]]
+
+    def run_cells(self, cells: Sequence[AttackSettings], progress: Progress, log: Callable[[str], None],
+                  jobs: int | None) -> list[CellResult]:
+        """Every cell, `jobs` at a time (one bar for the whole grid then: the cells' own passes interleave)."""
+
+        def logged(result: CellResult) -> CellResult:
+            log(f"{result.key}: " + ", ".join(f"{s} {result.headline(s).value:.1%}" for s in self.eval_splits))
+            return result
+
+        jobs = min(len(cells), jobs or os.cpu_count() or 1)
+        if jobs <= 1:
+            return [logged(self.run_cell(cell, progress)) for cell in cells]
+        progress.start(f"crafting and evaluating {len(cells)} cells, {jobs} at a time", len(cells))
         with ThreadPoolExecutor(max_workers=jobs) as pool:
-            futures = [pool.submit(run_cell, cell, SilentProgress()) for cell in todo]
+            futures = [pool.submit(self.run_cell, cell, SilentProgress()) for cell in cells]
             try:
                 for done, future in enumerate(as_completed(futures), start=1):
                     logged(future.result())
@@ -140,19 +179,105 @@ def run_audit(policy: Policy, model: ModelAdapter, dataset: Dataset, *, syntheti
                     future.cancel()
                 raise
         progress.done()
-        cells = [f.result() for f in futures]
-    rules = [_apply_rule(i, t, policy, cells, clean) for i, t in enumerate(policy.thresholds)]
-    finished = datetime.now(timezone.utc)
-    return AuditResult(
-        title=policy.report.title, organisation=policy.report.organisation, intended_use=policy.report.intended_use,
-        verdict="PASS" if all(r.passed for r in rules) else "FAIL",
-        model=model_info(model), data=_data_info(policy, dataset, data_format, synthetic),
-        clean=clean, cells=cells, rules=rules,
-        provenance=_provenance(policy, policy_path, command, started, finished, time.perf_counter() - t0),
-        crafted_on=model_info(surrogate) if surrogate else None,
-        deploy=_deploy_parity(model, deploy, splits, policy) if deploy else None,
-        transfer_models=[model_info(m) for m in others.values()],
-    )
+        return [f.result() for f in futures]
+
+    def run_cell(self, settings: AttackSettings, progress: Progress) -> CellResult:
+        """Craft one UAP from the cell's seeded stream, save it, evaluate it and its random controls."""
+        rng = cell_rng(self.seed, settings.key)
+        xi, mean_norm = xi_for(self.craft.images, settings.norm, settings.zeta)
+        attack = make_attack(settings, _PassProgress(settings, progress))
+        crafted = attack.craft(self.crafter, self.craft.images, xi, rng, clean_pred=self.craft.clean_pred)
+        rho = crafted.rho
+        uap_file = f"uaps/{settings.key}.npy"
+        _save_npy(self.out_dir / uap_file, rho)
+        evals, controls = self._evaluate(settings, rho, xi, rng, progress)
+        result = CellResult(
+            key=settings.key, attack=settings, xi=xi, mean_image_norm=mean_norm, seed=self.seed, uap_file=uap_file,
+            uap_norm_l2=float(np.linalg.norm(rho)), uap_norm_linf=float(np.abs(rho).max()),
+            passes=crafted.passes, crafting_rates=crafted.rates, visited=crafted.visited,
+            gradient_steps=crafted.steps, seconds=crafted.seconds, queries=crafted.queries,
+            evals=evals, controls=controls, examples=self._examples(settings, rho))
+        result.transfer = {name: self._transfer_evals(settings, rho, m) for name, m in self.others.items()}
+        return result
+
+    def _target(self, settings: AttackSettings) -> int | None:
+        return None if settings.target is None else self.classes.index(settings.target)
+
+    def _evaluate(self, settings: AttackSettings, rho: np.ndarray, xi: float, rng: np.random.Generator,
+                  progress: Progress) -> tuple[dict[str, SplitEval], dict[str, ControlSummary]]:
+        """The UAP and its random controls (drawn from the cell's stream after crafting) on every evaluated split."""
+        target = self._target(settings)
+        progress.start(f"{settings.key}: evaluating", len(self.eval_splits) * (1 + self.control_draws))
+        evals, controls, done = {}, {}, 0
+        controls_rho = [random_control(rho.shape, settings.norm, xi, rng) for _ in range(self.control_draws)]
+        for name in self.eval_splits:
+            split = self.splits[name]
+            evals[name] = evaluate(split, rho, self.classes, model=self.model, clip=settings.clip, target=target)
+            done += 1
+            progress.update(done)
+            draws = []
+            for r in controls_rho:
+                draws.append(evaluate(split, r, self.classes, model=self.model, clip=settings.clip, target=target,
+                                      perceptibility=False))
+                done += 1
+                progress.update(done)
+            if draws:
+                controls[name] = _summarise_controls(name, draws)
+        progress.done()
+        return evals, controls
+
+    def _transfer_evals(self, settings: AttackSettings, rho: np.ndarray, other: ModelAdapter,
+                        ) -> dict[str, TransferEval]:
+        """The UAP evaluated on another model: its headline rate, and agreement with the audited model."""
+        target = self._target(settings)
+        out = {}
+        for name in self.eval_splits:
+            split = self.splits[name]
+            adv = perturb(split.images, rho, settings.clip)
+            p_other, p_model = other.predict_proba(adv), self.model.predict_proba(adv)
+            pred = p_other.argmax(1)
+            out[name] = TransferEval(
+                headline=(M.targeted_success_rate(pred, target) if target is not None
+                          else M.fooling_rate(split.labels, pred)),
+                flip_rate=M.flip_rate(self.other_clean[other.name][name], pred),
+                argmax_agreement=float(np.mean(pred == p_model.argmax(1))),
+                max_abs_prob_diff=float(np.abs(p_other - p_model).max()))
+        return out
+
+    def _examples(self, settings: AttackSettings, rho: np.ndarray) -> list[Example]:
+        """One image for the report's figure: from the held-out split, clean-correct and moved by the UAP if any."""
+        split = self.example_split
+        criterion = criterion_for(settings, self.classes)
+        adv_pred = self.model.predict(perturb(split.images, rho, settings.clip))
+        correct = split.clean_pred == split.labels
+        moved = criterion.succeeded(adv_pred, criterion.labels(split.clean_pred))
+        candidates = np.flatnonzero(correct & moved) if np.any(correct & moved) else np.flatnonzero(correct)
+        i = int(candidates[0]) if len(candidates) else 0
+        sample = f"{split.name}-{i}"
+        path = self.out_dir / "samples" / f"{sample}.npy"
+        if not path.exists():
+            _save_npy(path, split.images[i])
+        return [Example(sample=sample, id=split.ids[i], true_label=self.classes[split.labels[i]],
+                        clean_prediction=self.classes[split.clean_pred[i]],
+                        adversarial_prediction=self.classes[adv_pred[i]])]
+
+
+class _PassProgress:
+    """An attack's per-pass progress calls, drawn as one bar per pass."""
+
+    def __init__(self, settings: AttackSettings, progress: Progress):
+        self.key, self.max_iter, self.progress = settings.key, settings.max_iter, progress
+        self.rate_name = "flip rate" if settings.target is None else "R_s"
+
+    def __call__(self, pass_no: int, done: int, total: int, rate: float | None) -> None:
+        label = f"{self.key} pass {pass_no}/{self.max_iter}"
+        if done == 0 and rate is None:
+            self.progress.start(label, total)
+        elif rate is None:
+            self.progress.update(done)
+        else:
+            self.progress.update(total, f"{label}: {self.rate_name} {rate:.1%}")
+            self.progress.done()
 
 
 def _check_compatible(model: ModelAdapter, other: ModelAdapter) -> None:
@@ -163,29 +288,11 @@ def _check_compatible(model: ModelAdapter, other: ModelAdapter) -> None:
             other.name)
 
 
-def _transfer_evals(cell: CellResult, other: ModelAdapter, model: ModelAdapter, splits: dict[str, Split],
-                    other_clean: dict[str, np.ndarray], policy: Policy, classes, out_dir: Path) -> dict[str, TransferEval]:
-    """The UAP of `cell` evaluated on another model: its headline rate, and agreement with the audited model."""
-    rho = np.load(out_dir / cell.uap_file, allow_pickle=False)
-    target = None if cell.target is None else classes.index(cell.target)
-    out = {}
-    for name in policy.data.eval_splits:
-        split = splits[name]
-        adv = perturb(split.images, rho, cell.clip)
-        p_other, p_model = other.predict_proba(adv), model.predict_proba(adv)
-        pred = p_other.argmax(1)
-        out[name] = TransferEval(
-            headline=M.targeted_success_rate(pred, target) if target is not None else M.fooling_rate(split.labels, pred),
-            flip_rate=M.flip_rate(other_clean[name], pred),
-            argmax_agreement=float(np.mean(pred == p_model.argmax(1))),
-            max_abs_prob_diff=float(np.abs(p_other - p_model).max()))
-    return out
-
-
-def _deploy_parity(model: ModelAdapter, deploy: ModelAdapter, splits: dict[str, Split], policy: Policy) -> DeployParity:
+def _deploy_parity(model: ModelAdapter, deploy: ModelAdapter, splits: dict[str, Split], eval_splits: Sequence[str],
+                   ) -> DeployParity:
     """Clean agreement of the audited model and the deployed file on every evaluated split."""
     diffs, agree, n = [], [], 0
-    for name in policy.data.eval_splits:
+    for name in eval_splits:
         a, b = model.predict_proba(splits[name].images), deploy.predict_proba(splits[name].images)
         diffs.append(float(np.abs(a - b).max()))
         agree.append(int(np.sum(a.argmax(1) == b.argmax(1))))
@@ -213,8 +320,8 @@ def evaluate(split: Split, rho: np.ndarray | None, classes, *, model: ModelAdapt
     else:
         adv = perturb(split.images, rho, clip)
         pred = model.predict(adv) if adv_pred is None else adv_pred
-        psnr = float(np.mean(M.psnr(split.images, adv))) if perceptibility else None
-        ssim = mean_ssim(split.images, adv) if perceptibility else None
+        psnr = float(np.mean(P.psnr(split.images, adv))) if perceptibility else None
+        ssim = P.mean_ssim(split.images, adv) if perceptibility else None
     conf = M.confusion_matrix(split.labels, pred, k)
     sens, ppv = M.sensitivity_ppv(conf)
     dom, share, flipped = M.dominant_label(split.clean_pred, pred, k)
@@ -227,41 +334,6 @@ def evaluate(split: Split, rho: np.ndarray | None, classes, *, model: ModelAdapt
         psnr=psnr, ssim=ssim)
 
 
-def mean_ssim(clean: np.ndarray, adv: np.ndarray) -> float:
-    """Mean SSIM of attacked vs clean images: tf.image.ssim's definition (Gaussian window of 11 px, sigma 1.5,
-    valid padding, max_val 1), with the window applied as two 1-D passes (tf.image.ssim's 2-D window took
-    75 ms per 224x224 image here, the largest cost of an audit; this takes a few)."""
-    fn = _ssim_fn(clean.shape[1])
-    vals = [fn(clean[i:i + SSIM_BATCH], adv[i:i + SSIM_BATCH]).numpy() for i in range(0, len(clean), SSIM_BATCH)]
-    return float(np.mean(np.concatenate(vals)))
-
-
-@functools.cache
-def _ssim_fn(size: int):
-    tf = configure_tensorflow()
-    k = min(11, size)
-    g = np.exp(-0.5 * ((np.arange(k) - (k - 1) / 2) / 1.5) ** 2)
-    g = (g / g.sum()).astype(np.float32)
-    band = np.zeros((size, size - k + 1), np.float32)  # the 1-D window as a banded matrix: a matmul is 20x faster
-    for j in range(size - k + 1):                       # here than TF's conv2d with one channel
-        band[j:j + k, j] = g
-    band = tf.constant(band)
-    c1, c2 = 0.01**2, 0.03**2
-
-    def window(m):
-        return tf.einsum("nhw,hu,wv->nuv", m, band, band)
-
-    def ssim(x, y):
-        mean_x, mean_y = window(x), window(y)
-        num0 = mean_x * mean_y * 2.0
-        den0 = tf.square(mean_x) + tf.square(mean_y)
-        luminance = (num0 + c1) / (den0 + c1)
-        cs = (window(x * y) * 2.0 - num0 + c2) / (window(tf.square(x) + tf.square(y)) - den0 + c2)
-        return tf.reduce_mean(luminance * cs, axis=[1, 2])
-
-    return GraphFunction(tf, ssim, [tf.TensorSpec([None, size, size], tf.float32)] * 2)
-
-
 def _check_classes(model: ModelAdapter, dataset: Dataset) -> list[str]:
     if tuple(model.classes) != tuple(dataset.classes):
         raise AuditkitError(
@@ -270,15 +342,16 @@ def _check_classes(model: ModelAdapter, dataset: Dataset) -> list[str]:
     return list(dataset.classes)
 
 
-def prepare_splits(policy: Policy, model: ModelAdapter, dataset: Dataset, progress: Progress) -> dict[str, Split]:
-    cfg = policy.data
+def prepare_splits(cfg: DataConfig, seed: int, model: ModelAdapter, dataset: Dataset, progress: Progress,
+                   ) -> dict[str, Split]:
+    """The crafting and evaluated splits, each subset to `max_images` by a seeded draw, with clean predictions."""
     names = list(dict.fromkeys([cfg.craft_split, *cfg.eval_splits]))
     out = {}
     for name in names:
         part = dataset.subset(name)
         limit = cfg.max_images.get(name)
         if limit is not None and limit < len(part):
-            rng = cell_rng(policy.seed, f"subset:{name}")
+            rng = cell_rng(seed, f"subset:{name}")
             part = part.take(np.sort(rng.choice(len(part), size=limit, replace=False)))
         images = part.floats()
         progress.start(f"clean predictions ({name})", 1)
@@ -286,77 +359,6 @@ def prepare_splits(policy: Policy, model: ModelAdapter, dataset: Dataset, progre
         progress.done()
         out[name] = Split(name, images, part.labels.astype(np.int64), list(part.ids), clean_pred)
     return out
-
-
-def build_attack(cell: Cell, xi: float, progress: Callable[[int, int, int, float | None], None] | None = None):
-    """The crafting algorithm a cell names, with its settings and budget xi."""
-    if cell.algorithm == "blackbox":
-        from .blackbox import BlackBoxUAPAttack
-
-        b = cell.blackbox
-        return BlackBoxUAPAttack(norm=cell.norm, xi=xi, epochs=cell.max_iter, batch_size=b.batch_size,
-                                 samples=b.samples, sigma=b.sigma, step_size=b.step_size, low_res=b.low_res,
-                                 estimator=b.estimator, clip=cell.clip, delta=cell.delta, progress=progress)
-    if cell.algorithm == "sgd":
-        return SGDUAPAttack(norm=cell.norm, xi=xi, epochs=cell.max_iter, batch_size=cell.sgd.batch_size,
-                            step_size=cell.sgd.step_size, loss_cap=cell.sgd.loss_cap, momentum=cell.sgd.momentum,
-                            delta=cell.delta, clip=cell.clip, progress=progress)
-    return UAPAttack(norm=cell.norm, xi=xi, eps=cell.eps, max_iter=cell.max_iter, delta=cell.delta,
-                     clip=cell.clip, progress=progress)
-
-
-def _run_cell(policy: Policy, cell: Cell, model, crafter, craft: Split, splits: dict[str, Split], classes,
-              out_dir: Path, progress: Progress) -> CellResult:
-    rng = cell_rng(policy.seed, cell.key)
-    xi, mean_norm = xi_for(craft.images, cell.norm, cell.zeta)
-    target = None if cell.target is None else classes.index(cell.target)
-    criterion = Nontargeted() if target is None else Targeted(target)
-
-    def on_progress(pass_no: int, done: int, total: int, rate: float | None) -> None:
-        if done == 0 and rate is None:
-            progress.start(f"{cell.key} pass {pass_no}/{cell.max_iter}", total)
-        elif rate is None:
-            progress.update(done)
-        else:
-            name = "flip rate" if target is None else "R_s"
-            progress.update(total, f"{cell.key} pass {pass_no}/{cell.max_iter}: {name} {rate:.1%}")
-            progress.done()
-
-    attack = build_attack(cell, xi, on_progress)
-    crafted = attack.craft(crafter, craft.images, criterion, rng, clean_pred=craft.clean_pred)
-    rho = crafted.rho
-    uap_file = f"uaps/{cell.key}.npy"
-    _save_npy(out_dir / uap_file, rho)
-
-    progress.start(f"{cell.key}: evaluating", len(policy.data.eval_splits) * (1 + policy.random_controls.draws))
-    evals, controls, done = {}, {}, 0
-    controls_rho = [random_control(rho.shape, cell.norm, xi, rng) for _ in range(policy.random_controls.draws)]
-    for name in policy.data.eval_splits:
-        split = splits[name]
-        evals[name] = evaluate(split, rho, classes, model=model, clip=cell.clip, target=target)
-        done += 1
-        progress.update(done)
-        draws = []
-        for r in controls_rho:
-            draws.append(evaluate(split, r, classes, model=model, clip=cell.clip, target=target,
-                                  perceptibility=False))
-            done += 1
-            progress.update(done)
-        if draws:
-            controls[name] = _summarise_controls(name, draws)
-    progress.done()
-    return CellResult(
-        key=cell.key, kind=cell.kind, target=cell.target, norm=cell.norm, zeta=cell.zeta, xi=xi,
-        mean_image_norm=mean_norm, eps=cell.eps, max_iter=cell.max_iter, delta=cell.delta, clip=cell.clip,
-        algorithm=cell.algorithm, algorithm_settings=(cell.sgd or cell.blackbox).model_dump()
-        if cell.sgd or cell.blackbox else {}, queries=getattr(crafted, "queries", None),
-        seed=policy.seed, uap_file=uap_file,
-        uap_norm_l2=float(np.linalg.norm(rho)), uap_norm_linf=float(np.abs(rho).max()),
-        passes=crafted.passes, crafting_rates=crafted.rates, visited=crafted.visited, gradient_steps=crafted.steps,
-        seconds=crafted.seconds,
-        evals=evals, controls=controls,
-        examples=_examples(cell, model, splits, policy, rho, classes, target, out_dir),
-    )
 
 
 def _summarise_controls(split: str, draws: list[SplitEval]) -> ControlSummary:
@@ -371,64 +373,15 @@ def _summarise_controls(split: str, draws: list[SplitEval]) -> ControlSummary:
     )
 
 
-def _examples(cell: Cell, model, splits: dict[str, Split], policy: Policy, rho, classes, target, out_dir: Path,
-              ) -> list[Example]:
-    """One image for the report's figure: from the held-out split, clean-correct and moved by the UAP if any."""
-    held_out = [s for s in policy.data.eval_splits if s != policy.data.craft_split]
-    split = splits[(held_out or policy.data.eval_splits)[0]]
-    adv_pred = model.predict(perturb(split.images, rho, cell.clip))
-    correct = split.clean_pred == split.labels
-    moved = (adv_pred == target) if target is not None else (adv_pred != split.clean_pred)
-    candidates = np.flatnonzero(correct & moved) if np.any(correct & moved) else np.flatnonzero(correct)
-    i = int(candidates[0]) if len(candidates) else 0
-    sample = f"{split.name}-{i}"
-    path = out_dir / "samples" / f"{sample}.npy"
-    if not path.exists():
-        _save_npy(path, split.images[i])
-    return [Example(sample=sample, id=split.ids[i], true_label=classes[split.labels[i]],
-                    clean_prediction=classes[split.clean_pred[i]], adversarial_prediction=classes[adv_pred[i]])]
-
-
-def _apply_rule(index: int, rule: Threshold, policy: Policy, cells: list[CellResult],
-                clean: dict[str, SplitEval]) -> RuleResult:
-    bound = "max" if rule.max is not None else "min"
-    if rule.metric == "clean_accuracy":
-        measured, keys, worst = clean[rule.split].accuracy.value, [], None
-    else:
-        chosen = [c for c in cells if rule.selects(_as_cell(c))]
-        values = [(_rule_value(rule.metric, c, rule.split), c.key) for c in chosen]
-        measured, worst = (max if bound == "max" else min)(values)
-        keys = [c.key for c in chosen]
-    passed = measured <= rule.limit if bound == "max" else measured >= rule.limit
-    selectors = {k: v for k, v in (("kind", rule.effective_kind), ("target", rule.target), ("norm", rule.norm),
-                                   ("zeta", rule.zeta)) if v is not None}
-    return RuleResult(name=rule.name, metric=rule.metric, split=rule.split, selectors=selectors, bound=bound,
-                      limit=rule.limit, measured=float(measured), worst_cell=worst, cells=keys, passed=bool(passed))
-
-
-def _rule_value(metric: str, cell: CellResult, split: str) -> float:
-    ev = cell.evals[split]
-    if metric == "uap_over_random":
-        return cell.headline(split).value - cell.control_headline(split).value
-    if metric == "targeted_success_rate":
-        return ev.targeted_success_rate.value
-    return getattr(ev, metric).value
-
-
-def _as_cell(c: CellResult) -> Cell:
-    return Cell(kind=c.kind, target=c.target, norm=c.norm, zeta=c.zeta, eps=c.eps, max_iter=c.max_iter,
-                delta=c.delta, clip=c.clip, algorithm=c.algorithm)  # selectors never look at sgd settings
-
-
-def _data_info(policy: Policy, dataset: Dataset, fmt: str, synthetic: bool) -> DataInfo:
+def _data_info(cfg: DataConfig, dataset: Dataset, fmt: str, synthetic: bool) -> DataInfo:
     from .phantoms import PHANTOM_NOTICE
 
     return DataInfo(
         source=dataset.source, format=fmt, synthetic=synthetic, manifest_sha256=dataset.manifest_sha256,
         content_sha256=dataset.content_sha256, classes=list(dataset.classes), counts=dataset.class_counts(),
-        craft_split=policy.data.craft_split, eval_splits=list(policy.data.eval_splits),
-        preprocess={"size": int(dataset.images.shape[1]), "crop_top": policy.data.preprocess.crop_top,
-                    "resize": policy.data.preprocess.resize, "max_images": dict(policy.data.max_images)},
+        craft_split=cfg.craft_split, eval_splits=list(cfg.eval_splits),
+        preprocess={"size": int(dataset.images.shape[1]), "crop_top": cfg.preprocess.crop_top,
+                    "resize": cfg.preprocess.resize, "max_images": dict(cfg.max_images)},
         notice=PHANTOM_NOTICE if synthetic else "")
 
 

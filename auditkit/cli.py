@@ -1,9 +1,7 @@
 """The `auditkit` command: a thin typer layer over auditkit.api. TensorFlow is imported only by commands that need it."""
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
 import shlex
 import sys
 from pathlib import Path
@@ -190,17 +188,10 @@ def harden_cmd(
     """Adversarially retrain a model (paper section 2.4): writes hardened.keras, hardened.onnx (parity-checked)
     and hardening.json. Rerunning the same command resumes after the last finished round."""
     from . import api
-    from .fileio import atomic_write_text
 
-    pol = api.load_policy(policy)
-    if seed is not None:
-        pol = pol.model_copy(update={"seed": seed})
-    adapter = api.load_model(model, _spec_overrides(model_spec, classes, None, None, None, None))
     with RichProgress() as progress:
-        dataset, _, _ = api.load_policy_data(pol, pol.data.preprocess.size or adapter.spec.input_size, data,
-                                             progress)
-        _, record = api.harden_model(pol, adapter, dataset, out_dir, progress=progress, log=_log)
-    atomic_write_text(out_dir / "hardening.json", json.dumps(dataclasses.asdict(record), indent=2) + "\n")
+        record = api.harden(model, policy, out_dir, data=data, seed=seed, progress=progress, log=_log,
+                            spec_overrides=_spec_overrides(model_spec, classes, None, None, None, None))
     first, last = record.rounds[0], record.rounds[-1]
     parity = record.parity
     out.print(f"attack success {first.attack_rate.value:.1%} -> {last.attack_rate.value:.1%}, clean accuracy "
@@ -243,7 +234,7 @@ def policy_check(policy: Path = typer.Argument(..., help="Policy YAML.")):
     for t in pol.thresholds:
         out.print(f"  rule {t.name}")
     h = pol.hardening
-    hc = h.attack.cell(pol.attacks[0])
+    hc = h.attack.settings(pol.attacks[0])
     out.print(f"  hardening ({'enabled' if h.enabled else 'off'}): {h.rounds} rounds x {h.uaps_per_round} UAPs "
               f"{hc.key}  eps={hc.eps:g} max_iter={hc.max_iter} clip={hc.clip} "
               f"on {h.attack.craft_images or 'all'} crafting images each, {h.epochs} fine-tuning epochs")
@@ -306,7 +297,7 @@ def zoo_train(
     seed: int = typer.Option(0, "--seed", min=0),
 ):
     """Train a zoo model with the documented deterministic recipe (the one behind the shipped weights)."""
-    from .models import zoo
+    from . import api
 
     with RichProgress() as progress:
         progress.start(f"training {name}", epochs)
@@ -315,8 +306,7 @@ def zoo_train(
             acc = logs.get("val_accuracy", logs.get("accuracy"))
             progress.update(epoch, f"training {name}: epoch {epoch}/{epochs}, accuracy {acc:.1%}")
 
-        info = zoo.train_zoo_weights(name, epochs=epochs, seed=seed, manifest=data, out_dir=out_dir,
-                                     progress=on_epoch)
+        info = api.train_zoo(name, data=data, out_dir=out_dir, epochs=epochs, seed=seed, progress=on_epoch)
     out.print(f"{name}: test accuracy {info['test_accuracy']:.1%} on {info['trained_on']}")
     out.print(f"weights: {out_dir / (name + '.weights.h5')} (sha256 {info['sha256'][:16]}…)")
 

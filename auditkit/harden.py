@@ -20,13 +20,16 @@ import numpy as np
 import yaml
 
 from . import metrics as M
-from .attacks import Nontargeted, Targeted, perturb, xi_for
-from .audit import build_attack, cell_rng
 from .metrics import Rate
 from .errors import AuditkitError
 from .models import keras_adapter, load_model
-from .models.adapters import KerasAdapter, ModelAdapter, model_input, op_determinism
-from .policy import AttackGrid, Cell, Hardening
+from .models.base import ModelAdapter, model_input
+from .models.keras import KerasAdapter
+from .models.tf_runtime import op_determinism
+from .policy import AttackGrid, Hardening
+from .uap import make_attack
+from .uap.base import AttackSettings, cell_rng
+from .uap.geometry import perturb, xi_for
 from .fileio import atomic_write_bytes, atomic_write_text
 from .results import HardeningRecord, HardeningRound
 
@@ -50,7 +53,7 @@ def harden(model: ModelAdapter, train_images: np.ndarray, train_labels: np.ndarr
     out_dir = Path(out_dir)
     train_images, train_labels = _check_split("train", model, train_images, train_labels)
     test_images, test_labels = _check_split("test", model, test_images, test_labels)
-    cell = settings.attack.cell(defaults)
+    cell = settings.attack.settings(defaults)
     if cell.target is not None and cell.target not in model.classes:
         raise AuditkitError(f"unknown class {cell.target!r}; the model's classes are "
                             f"{', '.join(model.classes)}", "hardening.attack.target")
@@ -58,10 +61,10 @@ def harden(model: ModelAdapter, train_images: np.ndarray, train_labels: np.ndarr
     xi, mean_norm = xi_for(train_images, cell.norm, cell.zeta)
     record_settings = settings.model_dump(mode="json") | dict(
         eps=cell.eps, max_iter=cell.max_iter, delta=cell.delta, clip=cell.clip, algorithm=cell.algorithm,
-        sgd=cell.sgd.model_dump() if cell.sgd else None, seed=seed, xi=xi, mean_image_norm=mean_norm)
+        sgd=cell.sgd.model_dump() if cell.algorithm == "sgd" else None, seed=seed, xi=xi, mean_image_norm=mean_norm)
     run = _Run(
         model=_clone(model), settings=settings, seed=seed, cell=cell, xi=xi,
-        criterion=Nontargeted() if target is None else Targeted(target), target=target,
+        target=target,
         train=(train_images, train_labels), test=(test_images, test_labels),
         state_dir=Path(checkpoint_dir) if checkpoint_dir else out_dir / "hardening", progress=progress, log=log)
     fingerprint = _fingerprint(model, record_settings, train_images, train_labels, test_images, test_labels)
@@ -97,9 +100,8 @@ class _Run:
     model: KerasAdapter
     settings: Hardening
     seed: int
-    cell: Cell  # the crafting attack
+    cell: AttackSettings  # the crafting attack
     xi: float
-    criterion: Nontargeted | Targeted
     target: int | None
     train: tuple[np.ndarray, np.ndarray]
     test: tuple[np.ndarray, np.ndarray]
@@ -138,8 +140,7 @@ class _Run:
         if subset is not None and subset < len(images):
             chosen = np.sort(rng.permutation(len(images))[:subset])
             images, clean_pred = images[chosen], None if clean_pred is None else clean_pred[chosen]
-        attack = build_attack(self.cell, self.xi, on_pass)
-        return attack.craft(self.model, images, self.criterion, rng, clean_pred).rho
+        return make_attack(self.cell, on_pass).craft(self.model, images, self.xi, rng, clean_pred).rho
 
     def retrain(self, k: int) -> list[float]:
         """Steps 1-3 of the round: craft UAPs, perturb a random part of the training set, fine-tune."""

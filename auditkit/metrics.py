@@ -121,25 +121,6 @@ def dominant_label(clean_pred, adv_pred, num_classes: int) -> tuple[int | None, 
     return winner, float(counts[winner] / flipped.size), int(flipped.size)
 
 
-def psnr(clean, adv, data_range: float = 1.0, chunk: int = 256) -> np.ndarray:
-    """Peak signal-to-noise ratio in dB per image (first axis indexes images), float64; inf where identical."""
-    clean, adv = np.asarray(clean), np.asarray(adv)
-    if clean.shape != adv.shape:
-        raise ValueError(f"psnr: clean has shape {clean.shape} but adv has shape {adv.shape}")
-    if clean.ndim < 2:
-        raise ValueError(f"psnr: expected a batch of images (at least 2 dimensions), got shape {clean.shape}")
-    if not data_range > 0:
-        raise ValueError(f"psnr: data_range must be > 0, got {data_range}")
-    # Chunked so a whole training split is never held as one float64 copy.
-    mse = np.empty(clean.shape[0], dtype=np.float64)
-    axes = tuple(range(1, clean.ndim))
-    for start in range(0, clean.shape[0], chunk):
-        diff = clean[start:start + chunk].astype(np.float64) - adv[start:start + chunk].astype(np.float64)
-        mse[start:start + chunk] = np.mean(diff * diff, axis=axes)
-    with np.errstate(divide="ignore"):
-        return 10.0 * np.log10(data_range * data_range / mse)
-
-
 def _check_count(count, n) -> tuple[int, int]:
     for name, v in (("count", count), ("n", n)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)):

@@ -11,7 +11,6 @@ import json
 import math
 import re
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, get_args
 
@@ -28,11 +27,11 @@ from pydantic import (
     model_validator,
 )
 
-from auditkit.errors import AuditkitError
-from auditkit.models import ZOO_NAMES
+from .errors import AuditkitError
+from .models.registry import ZOO_CLASSES, ZOO_NAMES
+from .uap.base import AttackSettings, Crafting, Kind, Norm, SGDSettings, Zeta
 
-DEFAULT_CLASSES = ("normal", "pneumonia", "COVID-19")
-Kind = Literal["nontargeted", "targeted"]
+DEFAULT_CLASSES = ZOO_CLASSES
 Metric = Literal["fooling_rate", "flip_rate", "targeted_success_rate", "clean_accuracy", "uap_over_random"]
 ReportFormat = Literal["html", "pdf", "json", "junit"]
 
@@ -55,28 +54,6 @@ def _unique(values: list) -> list:
     return values
 
 
-def _norm(v: Any) -> str:
-    """2 / "2" / "L2" -> "2"; inf / .inf / "inf" / "Linf" -> "inf"."""
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
-        if v == 2:
-            return "2"
-        if v == math.inf:
-            return "inf"
-    elif isinstance(v, str):
-        s = v.strip().lower().removeprefix("l").removeprefix("_").removeprefix(".")
-        if s == "2":
-            return "2"
-        if s in ("inf", "infinity"):
-            return "inf"
-    raise ValueError(f"must be 2 or inf (also accepted: L2, Linf), got {v!r}")
-
-
-def _zeta(v: float) -> float:
-    if not 0 < v <= 1:
-        raise ValueError(f"must be in (0, 1], got {v!r}")
-    return v
-
-
 def _targets(v: Any) -> Any:
     """'all', one class name, or a list of class names."""
     if v == "all":
@@ -89,8 +66,6 @@ def _targets(v: Any) -> Any:
 
 
 Name = Annotated[str, StringConstraints(min_length=1)]
-Norm = Annotated[Literal["2", "inf"], BeforeValidator(_norm)]
-Zeta = Annotated[float, AfterValidator(_zeta)]
 
 
 T = TypeVar("T")
@@ -131,65 +106,14 @@ class DataConfig(_Model):
         return self
 
 
-class SGDSettings(_Model):
-    """Stochastic PGD on mini-batches (Shafahi et al. 2020), `algorithm: sgd`; max_iter counts epochs."""
+class AttackGrid(Crafting):
+    """Cells to craft: every kind x target x norm x zeta, all crafted the same way (the Crafting fields)."""
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
-    batch_size: int = Field(32, ge=1)
-    step_size: float = Field(0.5, gt=0, le=1)  # first step as a fraction of xi; cosine-decayed to 1% of it
-    loss_cap: float = Field(3.0, gt=0)  # per-image cross-entropy is clipped here, so fooled images stop pulling
-    momentum: float = Field(0.9, ge=0, lt=1)  # steps follow the running sum of scale-free mini-batch gradients
-
-
-class BlackBoxSettings(_Model):
-    """Query-only crafting (`algorithm: blackbox`): NES/SPSA gradient estimates in a low-resolution plane; max_iter
-    counts epochs. Slower and weaker than white-box crafting: a lower bound on what an API-only attacker gets."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
-    batch_size: int = Field(32, ge=1)
-    samples: int = Field(10, ge=1)  # antithetic pairs per step: 2 x samples x batch_size queries
-    sigma: float = Field(0.5, gt=0)  # exploration radius, a fraction of xi
-    step_size: float = Field(0.2, gt=0, le=1)
-    low_res: int = Field(32, ge=1, le=1024)
-    estimator: Literal["nes", "spsa"] = "nes"
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One attack configuration of the expanded grid."""
-
-    kind: Kind
-    target: str | None
-    norm: str
-    zeta: float
-    eps: float
-    max_iter: int
-    delta: float
-    clip: bool
-    algorithm: str
-    sgd: SGDSettings | None = None
-    blackbox: BlackBoxSettings | None = None
-
-    @property
-    def key(self) -> str:
-        """Stable, filename-safe id, e.g. "nontargeted_inf_z0.02" or "targeted-COVID-19_2_z0.01" (+ "_sgd")."""
-        head = self.kind if self.target is None else f"targeted-{re.sub(r'[^A-Za-z0-9_.-]', '_', self.target)}"
-        tail = "" if self.algorithm == "paper" else f"_{self.algorithm}"
-        return f"{head}_{self.norm}_z{float(self.zeta)!r}{tail}"
-
-
-class AttackGrid(_Model):
     kinds: UniqueList[Kind]
     targets: Annotated[Literal["all"] | list[str], BeforeValidator(_targets)] = "all"
     norms: UniqueList[Norm]
     zetas: UniqueList[Zeta]
-    eps: float = Field(0.001, gt=0)
-    max_iter: int = Field(15, ge=1)
-    delta: float = Field(1e-6, ge=0, lt=1)
-    clip: bool = True
-    algorithm: Literal["paper", "sgd", "blackbox"] = "paper"
-    sgd: SGDSettings = Field(default_factory=SGDSettings)
-    blackbox: BlackBoxSettings = Field(default_factory=BlackBoxSettings)
 
     @model_validator(mode="after")
     def _check(self) -> AttackGrid:
@@ -201,14 +125,12 @@ class AttackGrid(_Model):
                                    f"set algorithm: {name} or drop them")
         return self
 
-    def expand(self, classes: Sequence[str]) -> list[Cell]:
+    def expand(self, classes: Sequence[str]) -> list[AttackSettings]:
         """Cells in order kind, target, norm, zeta; targets 'all' means every class in `classes`."""
         targets = list(classes) if self.targets == "all" else self.targets
-        shared = dict(eps=self.eps, max_iter=self.max_iter, delta=self.delta, clip=self.clip, algorithm=self.algorithm,
-                      sgd=self.sgd if self.algorithm == "sgd" else None,
-                      blackbox=self.blackbox if self.algorithm == "blackbox" else None)
+        crafting = dict(self.crafting())
         return [
-            Cell(kind=kind, target=target, norm=norm, zeta=zeta, **shared)
+            AttackSettings(kind=kind, target=target, norm=norm, zeta=zeta, **crafting)
             for kind in self.kinds
             for target in ([None] if kind == "nontargeted" else targets)
             for norm in self.norms
@@ -249,7 +171,7 @@ class Threshold(_Model):
     def limit(self) -> float:
         return self.max if self.max is not None else self.min
 
-    def selects(self, cell: Cell) -> bool:
+    def selects(self, cell: AttackSettings) -> bool:
         kind = self.effective_kind
         return (
             self.per_cell
@@ -312,18 +234,17 @@ class HardeningAttack(_Model):
                                 "set algorithm: sgd or drop them")
         return self
 
-    def cell(self, grid: AttackGrid | None = None) -> Cell:
-        """This attack as a grid cell, unset settings taken from `grid` (default: the library defaults).
+    def settings(self, grid: AttackGrid | None = None) -> AttackSettings:
+        """This attack as a cell, unset crafting settings taken from `grid` (default: the library defaults).
 
         A black-box grid lends no algorithm: hardening retrains a Keras model, which has gradients.
         """
-        grid = grid or AttackGrid(kinds=[self.kind], norms=[self.norm], zetas=[self.zeta])
-        algorithm = self.algorithm or (grid.algorithm if grid.algorithm != "blackbox" else "paper")
-        return Cell(kind=self.kind, target=self.target, norm=self.norm, zeta=self.zeta,
-                    eps=grid.eps if self.eps is None else self.eps,
-                    max_iter=grid.max_iter if self.max_iter is None else self.max_iter,
-                    delta=grid.delta, clip=grid.clip, algorithm=algorithm,
-                    sgd=(self.sgd or grid.sgd) if algorithm == "sgd" else None)
+        crafting = grid.crafting() if grid is not None else Crafting()
+        algorithm = self.algorithm or (crafting.algorithm if crafting.algorithm != "blackbox" else "paper")
+        overrides = {k: v for k, v in (("eps", self.eps), ("max_iter", self.max_iter), ("sgd", self.sgd))
+                     if v is not None}
+        return AttackSettings(kind=self.kind, target=self.target, norm=self.norm, zeta=self.zeta,
+                              **(dict(crafting) | overrides | {"algorithm": algorithm}))
 
 
 class Hardening(_Model):
@@ -374,9 +295,9 @@ class Policy(_Model):
             names[t.name] = i
         return self
 
-    def cells(self, classes: Sequence[str]) -> list[Cell]:
+    def cells(self, classes: Sequence[str]) -> list[AttackSettings]:
         """The attack grid expanded in policy order; unknown target classes or repeated cells raise AuditkitError."""
-        out: list[Cell] = []
+        out: list[AttackSettings] = []
         origin: dict[str, int] = {}
         for i, grid in enumerate(self.attacks):
             if grid.targets != "all":
@@ -412,7 +333,8 @@ def validate_against_classes(policy: Policy, classes: Sequence[str]) -> None:
             _check_class(t.target, classes, policy._where(f"thresholds.{i}.target"))
         if t.per_cell and not any(t.selects(c) for c in cells):
             keys = ", ".join(c.key for c in cells[:8]) + (", ..." if len(cells) > 8 else "")
-            raise AuditkitError(f"selects no cell of the attack grid (cells: {keys})", where=policy._where(f"thresholds.{i}"))
+            raise AuditkitError(f"selects no cell of the attack grid (cells: {keys})",
+                                where=policy._where(f"thresholds.{i}"))
     if policy.hardening.attack.target is not None:
         _check_class(policy.hardening.attack.target, classes, policy._where("hardening.attack.target"))
 

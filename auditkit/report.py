@@ -86,8 +86,8 @@ def fmt_selectors(sel: dict[str, Any]) -> str:
 
 
 def cell_label(cell: CellResult) -> str:
-    what = f"targeted to {cell.target}" if cell.kind == "targeted" else cell.kind
-    return f"{what}, p = {fmt_norm(cell.norm)}, ζ = {fmt_pct(cell.zeta)}"
+    what = f"targeted to {cell.attack.target}" if cell.attack.kind == "targeted" else cell.attack.kind
+    return f"{what}, p = {fmt_norm(cell.attack.norm)}, ζ = {fmt_pct(cell.attack.zeta)}"
 
 
 def rule_comparison(rule: RuleResult) -> str:
@@ -125,22 +125,23 @@ def _figure_split(evals: dict[str, Any], splits: list[str]) -> str | None:
 
 def _cell_order(cell: CellResult, classes: list[str]) -> tuple:
     """Nontargeted before targeted, then as in the paper's tables: p = 2 before ∞, ζ ascending, target class."""
-    target = classes.index(cell.target) if cell.target in classes else len(classes)
-    return (cell.kind != "nontargeted", cell.norm != "2", cell.zeta, target, cell.key)
+    target = classes.index(cell.attack.target) if cell.attack.target in classes else len(classes)
+    return (cell.attack.kind != "nontargeted", cell.attack.norm != "2", cell.attack.zeta, target, cell.key)
 
 
 def _targeted_tables(result: AuditResult, classes: list[str]) -> tuple[list[str], list[dict[str, Any]]]:
     """Targets (columns) and rows of (norm, ζ) -> {target: cell}, one row per cell where a pair repeats."""
-    cells = sorted((c for c in result.cells if c.kind == "targeted"), key=lambda c: _cell_order(c, classes))
-    targets = list(dict.fromkeys(c.target for c in cells))
+    cells = sorted((c for c in result.cells if c.attack.kind == "targeted"), key=lambda c: _cell_order(c, classes))
+    targets = list(dict.fromkeys(c.attack.target for c in cells))
     rows: list[dict[str, Any]] = []
     for c in cells:
-        row = next((r for r in rows if r["norm"] == c.norm and r["zeta"] == c.zeta and c.target not in r["cells"]),
+        a = c.attack
+        row = next((r for r in rows if r["norm"] == a.norm and r["zeta"] == a.zeta and a.target not in r["cells"]),
                    None)
         if row is None:
-            row = {"norm": c.norm, "zeta": c.zeta, "cells": {}}
+            row = {"norm": a.norm, "zeta": a.zeta, "cells": {}}
             rows.append(row)
-        row["cells"][c.target] = c
+        row["cells"][a.target] = c
     return targets, rows
 
 
@@ -226,7 +227,7 @@ def _hardening_view(result: AuditResult) -> dict[str, Any] | None:
     for c in (after.cells if after else []):
         b = before_cells.get(c.key)
         if b is not None and split in c.evals:
-            cells.append({"key": c.key, "kind": c.kind, "before": b.headline(split), "after": c.headline(split)})
+            cells.append({"key": c.key, "kind": c.attack.kind, "before": b.headline(split), "after": c.headline(split)})
     rules = []
     for a in (after.rules if after else []):
         b = next((x for x in result.rules if x.name == a.name), None)
@@ -257,7 +258,7 @@ def uap_figure(cell: CellResult, uap: np.ndarray) -> str:
     ax = fig.add_subplot()
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.set_title(f"UAP, p = {fmt_norm(cell.norm)}, ζ = {fmt_pct(cell.zeta)} (display-scaled)", fontsize=8,
+    ax.set_title(f"UAP, p = {fmt_norm(cell.attack.norm)}, ζ = {fmt_pct(cell.attack.zeta)} (display-scaled)", fontsize=8,
                  parse_math=False)
     label = (f"‖ρ‖₂ = {fmt_num(cell.uap_norm_l2)}, ‖ρ‖∞ = {fmt_num(cell.uap_norm_linf)}\n"
              f"budget ξ = {fmt_num(cell.xi)}")
@@ -391,12 +392,12 @@ def render_html(result: AuditResult, run_dir: Path) -> str:
         css=Markup(css),
         splits=splits,
         cells=cells,
-        nontargeted=[c for c in cells if c.kind == "nontargeted"],
+        nontargeted=[c for c in cells if c.attack.kind == "nontargeted"],
         targets=targets,
         targeted_rows=targeted_rows,
         small_splits=[(s, e.n) for s, e in result.clean.items() if e.n < 100],
-        unclipped=[c.key for c in cells if not c.clip],
-        algorithms=sorted({c.algorithm for c in cells}),
+        unclipped=[c.key for c in cells if not c.attack.clip],
+        algorithms=sorted({c.attack.algorithm for c in cells}),
         draws=sorted({c.draws for cell in cells for c in cell.controls.values()}),
         clean_split=clean_split,
         clean_figure=clean_figure,

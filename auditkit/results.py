@@ -9,11 +9,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 from .errors import AuditkitError
 from .fileio import atomic_write_text
 from .metrics import Rate
+from .uap.base import AttackSettings
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "2.0"  # 2.0: a cell's settings are one "attack" object
 
 
 @dataclass
@@ -75,17 +78,9 @@ class CellResult:
     """One UAP of the attack grid: settings, crafting record and evaluation."""
 
     key: str
-    kind: str  # nontargeted | targeted
-    target: str | None
-    norm: str  # "2" | "inf"
-    zeta: float
+    attack: AttackSettings
     xi: float
     mean_image_norm: float
-    eps: float
-    max_iter: int
-    delta: float
-    clip: bool
-    algorithm: str  # "paper" (the exact loop) | "sgd"
     seed: int
     uap_file: str  # relative to the run directory
     uap_norm_l2: float
@@ -97,7 +92,6 @@ class CellResult:
     evals: dict[str, SplitEval]
     controls: dict[str, ControlSummary]
     examples: list[Example] = field(default_factory=list)
-    algorithm_settings: dict[str, Any] = field(default_factory=dict)  # sgd: batch_size, step_size, loss_cap
     gradient_steps: int = 0  # per-image (paper) or mini-batch (sgd) gradient steps
     transfer: dict[str, dict[str, TransferEval]] = field(default_factory=dict)  # model name -> split -> eval
     queries: int | None = None  # model queries spent (black-box crafting only)
@@ -105,13 +99,13 @@ class CellResult:
     def headline(self, split: str) -> Rate:
         """R_f for nontargeted cells, R_s for targeted ones."""
         ev = self.evals[split]
-        return ev.targeted_success_rate if self.kind == "targeted" else ev.fooling_rate
+        return ev.targeted_success_rate if self.attack.kind == "targeted" else ev.fooling_rate
 
     def control_headline(self, split: str) -> Rate | None:
         c = self.controls.get(split)
         if c is None:
             return None
-        return c.targeted_success_rate if self.kind == "targeted" else c.fooling_rate
+        return c.targeted_success_rate if self.attack.kind == "targeted" else c.fooling_rate
 
 
 @dataclass
@@ -282,6 +276,8 @@ def _clean_floats(obj: Any) -> Any:
         if obj in (float("inf"), float("-inf")):
             return "inf" if obj > 0 else "-inf"
         return obj
+    if isinstance(obj, BaseModel):
+        return _clean_floats(obj.model_dump(mode="json"))
     if isinstance(obj, dict):
         return {k: _clean_floats(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -297,6 +293,8 @@ def _build(tp: Any, value: Any) -> Any:
             return None
         inner = [a for a in typing.get_args(tp) if a is not type(None)]
         return _build(inner[0], value)
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return tp.model_validate(value, strict=False)
     if dataclasses.is_dataclass(tp):
         hints = typing.get_type_hints(tp)
         kwargs = {f.name: _build(hints[f.name], value[f.name]) for f in dataclasses.fields(tp) if f.name in value}

@@ -5,12 +5,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..errors import AuditkitError
-from .adapters import KerasAdapter, ModelAdapter, OnnxAdapter, SavedModelAdapter, TFAdapter, configure_tensorflow
+from .base import ModelAdapter, TFAdapter
+from .registry import ZOO_NAMES
 from .spec import ModelSpec, read_sidecar, sidecar_path
 
-ZOO_NAMES = ("covidnet_small", "covidnet_large")
-
-__all__ = ["ModelAdapter", "TFAdapter", "ModelSpec", "load_model", "keras_adapter", "configure_tensorflow", "ZOO_NAMES"]
+__all__ = ["ModelAdapter", "TFAdapter", "ModelSpec", "load_model", "keras_adapter", "ZOO_NAMES"]
 
 
 def load_model(ref: str | Path, spec_overrides: Mapping[str, Any] | None = None) -> ModelAdapter:
@@ -22,6 +21,7 @@ def load_model(ref: str | Path, spec_overrides: Mapping[str, Any] | None = None)
     ref_str = str(ref)
     if ref_str in ZOO_NAMES and not Path(ref_str).exists():
         from . import zoo
+        from .keras import KerasAdapter
 
         entry = zoo.ZOO[ref_str]
         model = zoo.load_zoo_model(ref_str)
@@ -38,11 +38,17 @@ def load_model(ref: str | Path, spec_overrides: Mapping[str, Any] | None = None)
     if path.is_dir():
         if not (path / "saved_model.pb").is_file():
             raise AuditkitError("directory is not a TF SavedModel (no saved_model.pb)", ref_str)
+        from .savedmodel import SavedModelAdapter
+
         return SavedModelAdapter(path.name, path, spec, where)
     suffix = path.suffix.lower()
     if suffix == ".keras":
-        return KerasAdapter(path.stem, path, _load_keras_file(path), spec, where)
+        from .keras import KerasAdapter, load_keras_file
+
+        return KerasAdapter(path.stem, path, load_keras_file(path), spec, where)
     if suffix == ".onnx":
+        from .onnx import OnnxAdapter
+
         return OnnxAdapter(path.stem, path, spec, where)
     if suffix in (".h5", ".hdf5"):
         raise AuditkitError("legacy HDF5 Keras models are not accepted; re-save as .keras (model.save('m.keras'))",
@@ -50,17 +56,8 @@ def load_model(ref: str | Path, spec_overrides: Mapping[str, Any] | None = None)
     raise AuditkitError("unknown model format (expected .keras, .onnx or a SavedModel directory)", ref_str)
 
 
-def keras_adapter(model, name: str = "model", spec_overrides: Mapping[str, Any] | None = None) -> KerasAdapter:
+def keras_adapter(model, name: str = "model", spec_overrides: Mapping[str, Any] | None = None):
     """Wrap an in-memory Keras model (Python API, tests, hardening)."""
+    from .keras import KerasAdapter
+
     return KerasAdapter(name, None, model, dict(spec_overrides or {}), name)
-
-
-def _load_keras_file(path: Path):
-    configure_tensorflow()
-    import keras
-
-    try:
-        return keras.saving.load_model(path, compile=False, safe_mode=True)
-    except Exception as exc:  # noqa: BLE001 - Keras raises many types for a bad file
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise AuditkitError(f"cannot load Keras model ({msg})", str(path)) from None

@@ -20,6 +20,8 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from .tf_runtime import function_from_graph_def, override_gradient
+
 MATMUL = "AuditkitConv2DInputGradMatMul"
 PATCHES = "AuditkitConv2DInputGradPatches"
 FLIPPED = "AuditkitConv2DInputGradFlipped"
@@ -81,9 +83,6 @@ def _gradient_kind(node, kernel_shape, input_shape) -> str | None:
 def with_fast_input_gradients(frozen, tf) -> tuple[Any, dict[str, str]]:
     """(a function computing what `frozen` does, with cheaper input gradients for its eligible convolutions;
     {node name: gradient kind} for those). `frozen`: a ConcreteFunction whose weights are constants."""
-    from tensorflow.python.eager import wrap_function
-    from tensorflow.python.framework import tensor_util
-
     graph_def = frozen.graph.as_graph_def()
     nodes = {node.name: node for node in graph_def.node}
     shapes = {op.name: op.inputs[0].shape for op in frozen.graph.get_operations() if op.type == "Conv2D"}
@@ -96,15 +95,15 @@ def with_fast_input_gradients(frozen, tf) -> tuple[Any, dict[str, str]]:
             source = nodes.get(source.input[0].split(":")[0])
         if source is None or source.op != "Const":
             continue
-        kernel_shape = tensor_util.MakeNdarray(source.attr["value"].tensor).shape
+        kernel_shape = tf.make_ndarray(source.attr["value"].tensor).shape
         input_shape = shapes[node.name].as_list() if shapes[node.name].rank is not None else None
         kind = _gradient_kind(node, kernel_shape, input_shape)
         if kind:
-            node.attr["_gradient_op_type"].s = kind.encode()
+            override_gradient(node, kind)
             rewritten[node.name] = kind
     if not rewritten:
         return frozen, rewritten
     _register(tf)
-    function = wrap_function.function_from_graph_def(graph_def, [t.name for t in frozen.inputs],
-                                                     [t.name for t in frozen.outputs])
+    function = function_from_graph_def(tf, graph_def, [t.name for t in frozen.inputs],
+                                       [t.name for t in frozen.outputs])
     return function, rewritten

@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from .adapters import PROB_FLOOR
+from .base import PROB_FLOOR
 from .spec import ModelSpec
 
 IMAGE, ONEHOT, LOG_PROBS, LOSS = "auditkit_image", "auditkit_onehot", "auditkit_log_probs", "auditkit_loss"
@@ -446,100 +446,3 @@ def refusal(name: str, failures: list[str]) -> str:
     return (f"ONNX model {name!r} cannot be attacked white-box: no input-gradient path works "
             f"({'; '.join(failures)}). Craft on a white-box twin and evaluate here with --surrogate MODEL, "
             "or use the black-box mode (queries only; slower and weaker)")
-
-
-class _HostMask(np.ndarray):
-    """A boolean numpy array that also answers .numpy(), as the engine's TF tensors do."""
-
-    def numpy(self) -> np.ndarray:
-        return self.view(np.ndarray)
-
-
-class ArrayUAPLoop:
-    """The UAP engine's loop ops (attacks._CompiledLoop's walk / fooled_batch / accepted_batch / scan / sgd_step,
-    same semantics) in numpy over a model that gives log-probabilities and loss gradients as arrays (ONNX)."""
-
-    def __init__(self, model, norm: str, clip: bool, targeted: bool):
-        from ..attacks import GRAD_NORM_FLOOR, project  # the engine's own; imported late: attacks imports adapters
-
-        self._model, self._norm, self._clip, self._targeted = model, norm, clip, targeted
-        self._project, self._floor = project, np.float32(GRAD_NORM_FLOOR)
-
-    def _perturbed(self, x):
-        return np.clip(x, np.float32(0), np.float32(1)) if self._clip else x
-
-    def _fooled(self, pred, y):
-        return pred == y if self._targeted else pred != y
-
-    def _direction(self, g):
-        if self._norm == "inf":
-            return np.sign(g)
-        return g / np.maximum(np.linalg.norm(g), self._floor)
-
-    def hold(self, *arrays):
-        """The arrays as the calls take them for a whole craft."""
-        return tuple(np.asarray(a) for a in arrays)
-
-    def _step(self, images, labels, j, rho, xi, eps):
-        """Check, gradient, step, check, project for one visited image -> (rho, was unfooled, accepted)."""
-        x, y = images[j], int(labels[j])
-        xr = self._perturbed(x + rho)[None]
-        if self._fooled(int(np.argmax(self._model.log_probs(xr)[0])), y):
-            return rho, False, False
-        _, g = self._model.log_probs_and_gradient(xr, np.asarray([y]))
-        # x + (rho + step): the order TF's graph optimizer gives the traced loop, so the two agree bit for bit
-        x_adv = self._perturbed(x + (rho + (-eps if self._targeted else eps) * self._direction(g[0])))
-        success = bool(self._fooled(int(np.argmax(self._model.log_probs(x_adv[None])[0])), y))
-        return (self._project(x_adv - x, self._norm, xi) if success else rho), True, success
-
-    def walk(self, images, labels, idx, skip, rho, xi, eps):
-        """The plain loop over images `idx` in order, passing over those `skip` says are fooled until rho moves
-        -> (rho, whether each image was fooled when visited, whether each one's step was accepted)."""
-        was_fooled, accepted = np.ones(len(idx), bool), np.zeros(len(idx), bool)
-        for t, j in enumerate(idx):
-            if skip[t] and not accepted.any():
-                continue
-            rho, unfooled, accepted[t] = self._step(images, labels, j, rho, xi, eps)
-            was_fooled[t] = not unfooled
-        return rho, was_fooled.view(_HostMask), accepted.view(_HostMask)
-
-    def fooled_batch(self, images, labels, idx, rho) -> _HostMask:
-        pred = np.argmax(self._model.log_probs(self._perturbed(images[idx] + rho)), axis=1)
-        return np.asarray(self._fooled(pred, labels[idx]), bool).view(_HostMask)
-
-    def accepted_batch(self, images, labels, idx, rho, eps) -> _HostMask:
-        """Whether each (not yet fooled) image's step from rho would be accepted, batched."""
-        x, y = images[idx], labels[idx]
-        xr = self._perturbed(x + rho)
-        _, g = self._model.log_probs_and_gradient(xr, np.asarray(y))
-        if self._norm == "inf":
-            direction = np.sign(g)
-        else:
-            direction = g / np.maximum(np.linalg.norm(g.reshape(len(g), -1), axis=1), self._floor)[:, None, None]
-        x_adv = self._perturbed(x + (rho + (-eps if self._targeted else eps) * direction))
-        pred = np.argmax(self._model.log_probs(x_adv), axis=1)
-        return np.asarray(self._fooled(pred, y), bool).view(_HostMask)
-
-    def scan(self, images, labels, idx, rho, eps, probe):
-        """Statuses of a window, and acceptance of the steps of its first `probe` unfooled images (positions in
-        the window)."""
-        is_fooled = self.fooled_batch(images, labels, idx, rho)
-        candidates = np.flatnonzero(~is_fooled)[:probe]
-        accepted = (self.accepted_batch(images, labels, idx[candidates], rho, eps) if len(candidates)
-                    else np.zeros(0, bool).view(_HostMask))
-        return is_fooled, candidates.view(_HostMask), accepted
-
-    def sgd_step(self, images, labels, idx, rho, velocity, alpha, xi, loss_cap, momentum):
-        """One projected signed / normalised step along the momentum of the batch-mean (capped) cross-entropy's
-        scale-free gradients w.r.t. rho -> (rho, velocity, whether each image was fooled before the step)."""
-        x, y = images[idx], labels[idx]
-        v = x + rho
-        log_probs, g = self._model.log_probs_and_gradient(self._perturbed(v), y)
-        ce = -log_probs[np.arange(len(y)), y]
-        weight = np.full(len(y), -1.0, np.float32) if self._targeted else (ce <= loss_cap).astype(np.float32)
-        if self._clip:  # clip_by_value passes the gradient on [0, 1], bounds included
-            g = g * ((v >= 0) & (v <= 1))
-        grad = np.tensordot(weight / np.float32(len(y)), g, axes=1)
-        velocity = momentum * velocity + grad / np.maximum(np.max(np.abs(grad)), self._floor)
-        was_fooled = self._fooled(np.argmax(log_probs, axis=1), y)
-        return self._project(rho + alpha * self._direction(velocity), self._norm, xi), velocity, was_fooled

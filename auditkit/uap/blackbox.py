@@ -13,20 +13,16 @@ vulnerability, not an estimate of it.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
-from .attacks import CraftResult, Criterion, check_norm, perturb, project
-from .models.adapters import PROB_FLOOR, ModelAdapter
+from ..models.base import PROB_FLOOR
+from .base import AttackSettings, CraftResult, ProgressFn
+from .criteria import criterion_for
+from .geometry import check_budget, perturb, project
 
-ESTIMATORS = ("nes", "spsa")
-
-
-@dataclass
-class BlackBoxCraftResult(CraftResult):
-    queries: int = 0  # images sent to the model, crafting-set evaluations included
+LOSS_CAP = 3.0  # as the SGD algorithm's default: fooled images stop pulling
+MOMENTUM = 0.95
 
 
 def upsampling_matrix(low: int, size: int) -> np.ndarray:
@@ -43,8 +39,7 @@ def upsampling_matrix(low: int, size: int) -> np.ndarray:
     return a.astype(np.float32)
 
 
-@dataclass
-class BlackBoxUAPAttack:
+class BlackBoxUAP:
     """Query-only UAP (see the module docstring). Per mini-batch step: `samples` antithetic pairs, i.e.
     2 x samples x batch_size queries; `sigma` (exploration radius) and `step_size` are fractions of xi (per
     pixel for L-inf, of the whole plane for L2); the step follows SGDUAPAttack's cosine decay and the sign
@@ -54,32 +49,16 @@ class BlackBoxUAPAttack:
     `low_res` trades estimate quality for expressiveness: a CNN whose weak spots are fine-grained (the cxr3
     CNN at 64 x 64) needs low_res = the image size; smooth decision functions get by with far fewer."""
 
-    norm: str
-    xi: float
-    epochs: int = 10
-    batch_size: int = 32
-    samples: int = 10
-    sigma: float = 0.5
-    step_size: float = 0.2
-    low_res: int = 32
-    clip: bool = True
-    delta: float = 1e-6
-    loss_cap: float = 3.0
-    momentum: float = 0.95
-    estimator: str = "nes"
-    progress: Callable[[int, int, int, float | None], None] | None = field(default=None, repr=False)
+    def __init__(self, settings: AttackSettings, progress: ProgressFn | None = None):
+        self.settings, self.progress = settings, progress
+        self._norm, self._clip, self._b = settings.norm, settings.clip, settings.blackbox
 
-    def __post_init__(self):
-        check_norm(self.norm)
-        if self.estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
-        if not (self.xi >= 0 and self.epochs >= 1 and self.batch_size >= 1 and self.samples >= 1
-                and self.sigma > 0 and self.step_size > 0 and self.low_res >= 1 and 0 <= self.momentum < 1):
-            raise ValueError(f"invalid black-box UAP settings: {self}")
-
-    def craft(self, model: ModelAdapter, images: np.ndarray, criterion: Criterion, rng: np.random.Generator,
-              clean_pred: np.ndarray | None = None) -> BlackBoxCraftResult:
+    def craft(self, model, images: np.ndarray, xi: float, rng: np.random.Generator,
+              clean_pred: np.ndarray | None = None) -> CraftResult:
         """Craft one UAP on `images` (float32 N x H x W in [0, 1]); `rng` draws batches and sample directions."""
+        s, b = self.settings, self._b
+        xi = check_budget(xi)
+        criterion = criterion_for(s, model.classes)
         images = model.check_images(images)
         n, size = len(images), images.shape[1]
         queries = 0
@@ -87,69 +66,65 @@ class BlackBoxUAPAttack:
             clean_pred = model.predict(images)
             queries += n
         labels = criterion.labels(np.asarray(clean_pred)).astype(np.int64)
-        up = upsampling_matrix(self.low_res, size)
+        up = upsampling_matrix(b.low_res, size)
         low = up.shape[1]
         # the exploration / step unit: a pixel's share of the budget (L-inf), or of the plane's norm (L2)
-        unit = self.xi if self.norm == "inf" else self.xi / size
+        unit = xi if self._norm == "inf" else xi / size
         z = np.zeros((low, low), np.float32)
         m = np.zeros_like(z)
         rates: list[float] = []
-        per_epoch = -(-n // self.batch_size)
-        total = self.epochs * per_epoch
+        total = s.max_iter * -(-n // b.batch_size)
         start, t = time.perf_counter(), 0
-        for epoch in range(1, self.epochs + 1):
+        for epoch in range(1, s.max_iter + 1):
             if self.progress:
                 self.progress(epoch, 0, n, None)
             order = rng.permutation(n)
-            for b in range(0, n, self.batch_size):
-                idx = order[b : b + self.batch_size]
+            for first in range(0, n, b.batch_size):
+                idx = order[first : first + b.batch_size]
                 g = self._estimate(model, images[idx], labels[idx], criterion.targeted, z, up, unit, rng)
-                queries += 2 * self.samples * len(idx)
-                m = self.momentum * m + g / max(float(np.linalg.norm(g)), 1e-12)
-                alpha = self.step_size * self.xi * (0.01 + 0.99 * 0.5 * (1 + np.cos(np.pi * t / total)))
-                z = self._constrain(z + alpha * self._direction(m, up), up)
+                queries += 2 * b.samples * len(idx)
+                m = MOMENTUM * m + g / max(float(np.linalg.norm(g)), 1e-12)
+                alpha = b.step_size * xi * (0.01 + 0.99 * 0.5 * (1 + np.cos(np.pi * t / total)))
+                z = self._constrain(z + alpha * self._direction(m, up), up, xi)
                 t += 1
-            rho = self._rho(z, up)
-            pred = model.predict(perturb(images, rho, self.clip))
+            rho = project(up @ z @ up.T, self._norm, xi)
+            pred = model.predict(perturb(images, rho, self._clip))
             queries += n
-            fooled = pred == labels if criterion.targeted else pred != labels
-            rate = float(fooled.mean()) if n else 0.0
+            rate = float(criterion.succeeded(pred, labels).mean()) if n else 0.0
             rates.append(rate)
             if self.progress:
                 self.progress(epoch, n, n, rate)
-            if rate >= 1.0 - self.delta:
+            if rate >= 1.0 - s.delta:
                 break
-        return BlackBoxCraftResult(rho, len(rates), rates, n * len(rates), t, time.perf_counter() - start, queries)
+        return CraftResult(rho, len(rates), rates, n * len(rates), t, time.perf_counter() - start, queries)
 
     def _objective(self, model, x, labels, targeted, rhos) -> np.ndarray:
-        """The SGD mode's objective for each candidate rho (S, H, W) on the batch x: one query per image."""
-        batch = perturb(x[None], rhos[:, None], self.clip).reshape(-1, *x.shape[1:])
+        """The SGD algorithm's objective for each candidate rho (S, H, W) on the batch x: one query per image."""
+        batch = perturb(x[None], rhos[:, None], self._clip).reshape(-1, *x.shape[1:])
         p = model.predict_proba(batch).reshape(len(rhos), len(x), -1)
         ce = -np.log(np.maximum(p[:, np.arange(len(x)), labels].astype(np.float64), PROB_FLOOR))
-        return -ce.mean(axis=1) if targeted else np.minimum(ce, self.loss_cap).mean(axis=1)
+        return -ce.mean(axis=1) if targeted else np.minimum(ce, LOSS_CAP).mean(axis=1)
 
     def _estimate(self, model, x, labels, targeted, z, up, unit, rng) -> np.ndarray:
         """Antithetic finite-difference estimate of the objective's gradient w.r.t. the low-res plane."""
-        shape = (self.samples,) + z.shape
-        u = rng.standard_normal(shape) if self.estimator == "nes" else rng.choice([-1.0, 1.0], size=shape)
+        samples = self._b.samples
+        shape = (samples,) + z.shape
+        u = rng.standard_normal(shape) if self._b.estimator == "nes" else rng.choice([-1.0, 1.0], size=shape)
         u = u.astype(np.float32)
-        d = np.float32(self.sigma * unit) * u
+        d = np.float32(self._b.sigma * unit) * u
         candidates = np.concatenate([z + d, z - d])
         f = self._objective(model, x, labels, targeted, up @ candidates @ up.T)
-        return np.tensordot(f[: self.samples] - f[self.samples :], u, axes=1).astype(np.float32)
+        return np.tensordot(f[:samples] - f[samples:], u, axes=1).astype(np.float32)
 
     def _direction(self, g, up):
-        if self.norm == "inf":
+        if self._norm == "inf":
             return np.sign(g)
         return g / max(float(np.linalg.norm(up @ g @ up.T)), 1e-12)
 
-    def _constrain(self, z, up):
+    def _constrain(self, z, up, xi):
         """Keep the upsampled plane in the xi-ball: bilinear weights are convex, so clipping z suffices for
         L-inf; for L2 z is rescaled by the norm of its upsampled plane."""
-        if self.norm == "inf":
-            return np.clip(z, -self.xi, self.xi).astype(np.float32)
+        if self._norm == "inf":
+            return np.clip(z, -xi, xi).astype(np.float32)
         n = float(np.linalg.norm(up @ z @ up.T))
-        return (z * min(1.0, self.xi / n) if n > 0 else z).astype(np.float32)
-
-    def _rho(self, z, up) -> np.ndarray:
-        return project(up @ z @ up.T, self.norm, self.xi)
+        return (z * min(1.0, xi / n) if n > 0 else z).astype(np.float32)

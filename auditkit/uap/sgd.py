@@ -1,0 +1,59 @@
+"""Stochastic-gradient UAP (Shafahi et al. 2020, "Universal adversarial training"): a different algorithm from the
+paper's, usually stronger at small step sizes."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .backends import LoopOps, prepared
+from .base import AttackSettings, CraftResult, ProgressFn
+from .criteria import criterion_for
+from .geometry import check_budget
+
+
+class SGDUAP:
+    """rho follows signed (L-inf) or normalised (L2) steps along the momentum of the mini-batch mean cross-entropy's
+    gradients — capped at `loss_cap` for nontargeted attacks so images already fooled stop pulling — with a
+    cosine-decayed step of `step_size` x xi, projected onto the xi-ball after every step; `max_iter` epochs.
+    Each epoch's rate is a running one, as training accuracy is: over the epoch's mini-batches, each measured just
+    before its own step (the audit evaluates the final UAP on every split anyway).
+    """
+
+    def __init__(self, settings: AttackSettings, progress: ProgressFn | None = None):
+        self.settings, self.progress = settings, progress
+
+    def craft(self, model, images: np.ndarray, xi: float, rng: np.random.Generator,
+              clean_pred: np.ndarray | None = None) -> CraftResult:
+        s = self.settings
+        criterion = criterion_for(s, model.classes)
+        with prepared(model, images, criterion, clean_pred, s.norm, s.clip) as (loop, held, n, rho):
+            return self._craft(loop, held, n, rho, check_budget(xi), rng)
+
+    def _craft(self, loop: LoopOps, held: tuple, n: int, rho, budget: float, rng: np.random.Generator,
+               ) -> CraftResult:
+        s, sgd = self.settings, self.settings.sgd
+        total = s.max_iter * -(-n // sgd.batch_size)
+        xi, cap, momentum = loop.hold(np.float32(budget), np.float32(sgd.loss_cap), np.float32(sgd.momentum))
+        velocity = np.zeros_like(rho)
+        rates: list[float] = []
+        start, t = time.perf_counter(), 0
+        for epoch in range(1, s.max_iter + 1):
+            order, fooled = rng.permutation(n).astype(np.int32), 0
+            for b in range(0, n, sgd.batch_size):
+                if self.progress and b == 0:
+                    self.progress(epoch, 0, n, None)
+                idx = order[b : b + sgd.batch_size]
+                alpha = sgd.step_size * budget * (0.01 + 0.99 * 0.5 * (1 + np.cos(np.pi * t / total)))
+                rho, velocity, was_fooled = loop.sgd_step(*held, idx, rho, velocity, np.float32(alpha), xi, cap,
+                                                          momentum)
+                fooled += int(np.sum(was_fooled))
+                t += 1
+            rate = fooled / n if n else 0.0
+            rates.append(rate)
+            if self.progress:
+                self.progress(epoch, n, n, rate)
+            if rate >= 1.0 - s.delta:
+                break
+        return CraftResult(np.asarray(rho, np.float32), len(rates), rates, n * len(rates), t,
+                           time.perf_counter() - start)
