@@ -9,10 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backends import LoopOps, fooled, prepared
+from .backends import LoopAttack, LoopOps, fooled
 from .base import AttackSettings, CraftResult, ProgressFn
-from .criteria import criterion_for
-from .geometry import check_budget
 
 MAX_WINDOW = 256  # speculative look-ahead, images per batched check
 WALK = 32  # most images one walk call visits where steps are accepted often
@@ -48,7 +46,7 @@ def _running(estimate: float, n: int, count: int) -> float:
     return estimate + (1.0 - 0.95**n) * (count / n - estimate) if n else estimate
 
 
-class PaperUAP:
+class PaperUAP(LoopAttack):
     """The paper's UAP loop (Moosavi-Dezfooli et al. 2017 with an FGSM inner step; Hirano & Takemoto 2020).
 
     `speculative=True` evaluates a window of upcoming images against the current rho in one batched call: which are
@@ -67,16 +65,8 @@ class PaperUAP:
 
     def __init__(self, settings: AttackSettings, progress: ProgressFn | None = None, *, speculative: bool = True,
                  stop_at_fixed_point: bool = True, probe_batch: int = 64):
-        self.settings, self.progress = settings, progress
+        super().__init__(settings, progress)
         self.speculative, self.stop_at_fixed_point, self.probe_batch = speculative, stop_at_fixed_point, probe_batch
-
-    def craft(self, model, images: np.ndarray, xi: float, rng: np.random.Generator,
-              clean_pred: np.ndarray | None = None) -> CraftResult:
-        """Craft one UAP on `images` (float32 N x H x W in [0, 1]); `rng` draws each pass's visiting order."""
-        s = self.settings
-        criterion = criterion_for(s, model.classes)
-        with prepared(model, images, criterion, clean_pred, s.norm, s.clip) as (loop, held, n, rho):
-            return self._craft(loop, held, n, rho, check_budget(xi), rng)
 
     def _craft(self, loop: LoopOps, held: tuple, n: int, rho, budget: float, rng: np.random.Generator,
                ) -> CraftResult:

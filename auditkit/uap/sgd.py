@@ -6,29 +6,17 @@ import time
 
 import numpy as np
 
-from .backends import LoopOps, prepared
-from .base import AttackSettings, CraftResult, ProgressFn
-from .criteria import criterion_for
-from .geometry import check_budget
+from .backends import LoopAttack, LoopOps
+from .base import CraftResult
 
 
-class SGDUAP:
+class SGDUAP(LoopAttack):
     """rho follows signed (L-inf) or normalised (L2) steps along the momentum of the mini-batch mean cross-entropy's
     gradients — capped at `loss_cap` for nontargeted attacks so images already fooled stop pulling — with a
     cosine-decayed step of `step_size` x xi, projected onto the xi-ball after every step; `max_iter` epochs.
     Each epoch's rate is a running one, as training accuracy is: over the epoch's mini-batches, each measured just
     before its own step (the audit evaluates the final UAP on every split anyway).
     """
-
-    def __init__(self, settings: AttackSettings, progress: ProgressFn | None = None):
-        self.settings, self.progress = settings, progress
-
-    def craft(self, model, images: np.ndarray, xi: float, rng: np.random.Generator,
-              clean_pred: np.ndarray | None = None) -> CraftResult:
-        s = self.settings
-        criterion = criterion_for(s, model.classes)
-        with prepared(model, images, criterion, clean_pred, s.norm, s.clip) as (loop, held, n, rho):
-            return self._craft(loop, held, n, rho, check_budget(xi), rng)
 
     def _craft(self, loop: LoopOps, held: tuple, n: int, rho, budget: float, rng: np.random.Generator,
                ) -> CraftResult:

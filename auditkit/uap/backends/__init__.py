@@ -13,7 +13,9 @@ from typing import Any, Iterator, Protocol
 import numpy as np
 
 from ...models.base import ModelAdapter, TFAdapter
-from ..criteria import Criterion
+from ..base import AttackSettings, CraftResult, ProgressFn
+from ..criteria import Criterion, criterion_for
+from ..geometry import check_budget
 
 EVAL_BATCH = 128  # most images per batched status check
 
@@ -99,3 +101,23 @@ def fooled(loop: LoopOps, images, labels, idx: np.ndarray, rho) -> np.ndarray:
     cuts = np.linspace(0, len(idx), -(-len(idx) // EVAL_BATCH) + 1).astype(int)
     out = [np.asarray(loop.fooled_batch(images, labels, idx[a:b], rho)) for a, b in zip(cuts[:-1], cuts[1:])]
     return np.concatenate(out) if out else np.zeros(0, bool)
+
+
+class LoopAttack:
+    """An algorithm written over loop operations: `craft` checks the budget, prepares the ops for the model and the
+    cell's criterion, and hands them to the algorithm's `_craft`."""
+
+    def __init__(self, settings: AttackSettings, progress: ProgressFn | None = None):
+        self.settings, self.progress = settings, progress
+
+    def craft(self, model: ModelAdapter, images: np.ndarray, xi: float, rng: np.random.Generator,
+              clean_pred: np.ndarray | None = None) -> CraftResult:
+        """Craft one UAP on `images` (float32 N x H x W in [0, 1]); every random draw from `rng`."""
+        s = self.settings
+        criterion = criterion_for(s, model.classes)
+        with prepared(model, images, criterion, clean_pred, s.norm, s.clip) as (loop, held, n, rho):
+            return self._craft(loop, held, n, rho, check_budget(xi), rng)
+
+    def _craft(self, loop: LoopOps, held: tuple, n: int, rho: np.ndarray, budget: float,
+               rng: np.random.Generator) -> CraftResult:
+        raise NotImplementedError
