@@ -20,14 +20,15 @@ __all__ = ["harden_model", "load_policy_data", "run", "rerender", "load_model", 
 
 
 def run(model: str | Path | ModelAdapter, policy: str | Path | Policy, out_dir: str | Path, *,
-        data: str | Path | None = None, formats: Sequence[str] | None = None, seed: int | None = None,
+        data: str | Path | None = None, image_root: str | Path | None = None, formats: Sequence[str] | None = None, seed: int | None = None,
         spec_overrides: Mapping[str, Any] | None = None, harden: bool | None = None,
         surrogate: str | Path | None = None, deploy: str | Path | None = None, transfer: Sequence[str | Path] = (),
         jobs: int | None = None, command: str = "",
         progress: Progress | None = None, log: Callable[[str], None] = lambda _msg: None) -> AuditResult:
     """Audit `model` under `policy` and write results, UAPs and reports into `out_dir`.
 
-    `surrogate` crafts the UAPs on another (white-box) model; `deploy` is the file actually shipped (e.g. the
+    `image_root` is the dataset root every image must lie in (default: the policy's data.image_root, else the
+    manifest's folder). `surrogate` crafts the UAPs on another (white-box) model; `deploy` is the file actually shipped (e.g. the
     ONNX export), evaluated under every UAP with a parity check; `transfer` models (plus the policy's
     `transfer:` list) are evaluated under every UAP for a transferability matrix. `jobs` cells run at a time
     (default: one per CPU core), with the same results.
@@ -58,7 +59,7 @@ def run(model: str | Path | ModelAdapter, policy: str | Path | Policy, out_dir: 
     deploy_model = load_model(deploy) if deploy is not None else None
     transfer_models = [load_model(t) for t in [*policy.transfer, *transfer]]
     size = policy.data.preprocess.size or adapter.spec.input_size
-    dataset, fmt, synthetic = load_policy_data(policy, size, data, progress)
+    dataset, fmt, synthetic = load_policy_data(policy, size, data, progress, image_root)
     formats = list(formats or policy.report.formats)
     out_dir = Path(out_dir)
     work = _staging_dir(out_dir)

@@ -118,6 +118,8 @@ def _spec_overrides(model_spec: Optional[Path], classes: Optional[str], input_si
     return spec | {k: v for k, v in flags.items() if v is not None}
 
 
+IMAGE_ROOT_OPT = typer.Option(None, "--image-root", help="Folder every image path must lie in (default: the "
+                              "policy's data.image_root, else the manifest's folder).")
 MODEL_HELP = "Zoo name (covidnet_small, covidnet_large), .keras file, SavedModel directory or .onnx file."
 SPEC_OPTS = dict(
     model_spec=typer.Option(None, "--model-spec", help="A model.yaml to use instead of the one beside the model."),
@@ -135,6 +137,7 @@ def run(
     model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
     policy: Path = typer.Option(..., "--policy", "-p", help="Policy YAML (see policies/)."),
     data: Optional[Path] = typer.Option(None, "--data", help="Manifest to audit on instead of the policy's."),
+    image_root: Optional[Path] = IMAGE_ROOT_OPT,
     out_dir: Path = typer.Option(Path("audit-out"), "--out", "-o", help="Output directory."),
     formats: Optional[str] = typer.Option(None, "--formats", help="Comma-separated: html,pdf,json,junit."),
     seed: Optional[int] = typer.Option(None, "--seed", min=0, help="Override the policy's seed."),
@@ -162,7 +165,7 @@ def run(
     overrides = _spec_overrides(model_spec, classes, input_size, channels, scale, output)
     command = "auditkit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     with RichProgress() as progress:
-        result = api.run(model, policy, out_dir, data=data, formats=fmts, seed=seed, spec_overrides=overrides,
+        result = api.run(model, policy, out_dir, data=data, image_root=image_root, formats=fmts, seed=seed, spec_overrides=overrides,
                          harden=harden, surrogate=surrogate, deploy=deploy, transfer=transfer or (), jobs=jobs,
                          command=command, progress=progress, log=_log)
     _print_summary(result, out_dir)
@@ -183,6 +186,7 @@ def harden_cmd(
     model: str = typer.Option(..., "--model", "-m", help="Zoo name or .keras file (the model must be trainable)."),
     policy: Path = typer.Option(..., "--policy", "-p", help="Policy YAML; its hardening block is used."),
     data: Optional[Path] = typer.Option(None, "--data", help="Manifest instead of the policy's."),
+    image_root: Optional[Path] = IMAGE_ROOT_OPT,
     out_dir: Path = typer.Option(Path("hardened"), "--out", "-o", help="Output directory."),
     seed: Optional[int] = typer.Option(None, "--seed", min=0, help="Override the policy's seed."),
     model_spec: Optional[Path] = SPEC_OPTS["model_spec"], classes: Optional[str] = SPEC_OPTS["classes"],
@@ -198,7 +202,7 @@ def harden_cmd(
     adapter = api.load_model(model, _spec_overrides(model_spec, classes, None, None, None, None))
     with RichProgress() as progress:
         dataset, _, _ = api.load_policy_data(pol, pol.data.preprocess.size or adapter.spec.input_size, data,
-                                             progress)
+                                             progress, image_root)
         _, record = api.harden_model(pol, adapter, dataset, out_dir, progress=progress, log=_log)
     atomic_write_text(out_dir / "hardening.json", json.dumps(dataclasses.asdict(record), indent=2) + "\n")
     first, last = record.rounds[0], record.rounds[-1]
