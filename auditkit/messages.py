@@ -9,6 +9,7 @@ from __future__ import annotations
 import reprlib
 
 MAX_SHOWN = 80  # characters of a user value shown in a message
+MAX_LINE = 1000  # characters of an error line: a message that lists a user's names is cut here
 
 _repr = reprlib.Repr()
 _repr.maxstring = _repr.maxother = MAX_SHOWN
@@ -51,4 +52,6 @@ def _size(value: object) -> str:
 
 def error_line(text: str, hint: str = "") -> str:
     """The one line a user-facing problem becomes on stderr: 'error: <what and where>[ (hint)]'."""
+    if len(text) > MAX_LINE:
+        text = f"{text[:MAX_LINE]}... ({len(text)} characters)"
     return escape(f"error: {text}" + (f" ({hint})" if hint else ""))
