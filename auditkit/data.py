@@ -22,7 +22,7 @@ import PIL
 from PIL import Image, ImageOps
 
 from .containment import check_text, read_inside, real_root, resolve_inside, stat_regular
-from .errors import AuditkitError
+from .errors import AuditkitError, AuditkitWarning
 from .fileio import atomic_write
 from .messages import quote
 
@@ -570,4 +570,4 @@ def _write_cache(stem: Path, images: np.ndarray, content_sha: str) -> None:
         atomic_write(stem.with_suffix(".npy"), lambda f: np.save(f, images, allow_pickle=False))
         atomic_write(stem.with_suffix(".json"), lambda f: f.write(meta))
     except OSError as e:
-        warnings.warn(f"could not write dataset cache {stem}: {_one_line(e)}", stacklevel=3)
+        warnings.warn(f"could not write dataset cache {stem}: {_one_line(e)}", AuditkitWarning, stacklevel=3)
