@@ -6,6 +6,7 @@ from typing import Any, Mapping
 
 from ..errors import AuditkitError
 from .adapters import KerasAdapter, ModelAdapter, OnnxAdapter, SavedModelAdapter, TFAdapter, configure_tensorflow
+from .checks import check_keras_file
 from .spec import ModelSpec, read_sidecar, sidecar_path
 
 ZOO_NAMES = ("covidnet_small", "covidnet_large")
@@ -41,6 +42,7 @@ def load_model(ref: str | Path, spec_overrides: Mapping[str, Any] | None = None)
         return SavedModelAdapter(path.name, path, spec, where)
     suffix = path.suffix.lower()
     if suffix == ".keras":
+        check_keras_file(path)
         return KerasAdapter(path.stem, path, _load_keras_file(path), spec, where)
     if suffix == ".onnx":
         return OnnxAdapter(path.stem, path, spec, where)

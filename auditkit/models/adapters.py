@@ -12,6 +12,7 @@ import numpy as np
 
 from ..errors import AuditkitError
 from ..fileio import sha256_files
+from .checks import check_input_rank, check_input_shape, onnx_session
 from .fast_gradients import with_fast_input_gradients
 from .spec import ModelSpec
 
@@ -238,8 +239,10 @@ class KerasAdapter(TFAdapter):
 
     def __init__(self, name: str, path: Path | None, model, spec_overrides: dict[str, Any], where: str):
         self.model = model
+        check_input_rank(model.inputs[0].shape, str(path or name))
         graph = infer_spec(model.inputs[0].shape, _keras_output_kind(model), model.outputs[0].shape[-1])
         spec = _complete(graph.merged(spec_overrides, where), name, graph)
+        check_input_shape(model.inputs[0].shape, spec, str(path or name))
         super().__init__(name, path, spec, lambda x: model(x, training=False), model.count_params())
         self._loop_forward: tuple[bytes, Any] | None = None
         self._loop_lock = threading.Lock()
@@ -314,12 +317,14 @@ class SavedModelAdapter(TFAdapter):
             raise AuditkitError(f"the serving signature must have one output, has {sorted(outputs)}", str(path))
         (output_name, output_spec), = outputs.items()
         self._loaded = loaded  # keeps the signature's variables alive
+        check_input_rank(input_spec.shape, str(path))
         graph = infer_spec(input_spec.shape, None, output_spec.shape[-1])
 
         def forward(x):
             return signature(**{input_name: x})[output_name]
 
         spec = _complete(graph.merged(spec_overrides, where), name, graph)
+        check_input_shape(input_spec.shape, spec, str(path))
         if spec.output is None:
             probe = tf.constant(model_input(_probe_images(spec), spec, np), tf.float32)
             spec = dataclasses.replace(spec, output=_detect_output(forward(probe).numpy()))
@@ -336,21 +341,18 @@ class OnnxAdapter(ModelAdapter):
     format = "onnx"
 
     def __init__(self, name: str, path: Path, spec_overrides: dict[str, Any], where: str):
-        import onnxruntime as ort
-
-        try:
-            self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception zoo
-            raise AuditkitError(f"not a loadable ONNX model ({str(exc).splitlines()[0]})", str(path)) from None
+        self.session = onnx_session(path)
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         if len(inputs) != 1:
             raise AuditkitError(f"the ONNX model must have one input, has {len(inputs)}", str(path))
         self.input_name = inputs[0].name
         shape = [d if isinstance(d, int) else None for d in inputs[0].shape]
+        check_input_rank(shape, str(path))
         self.batch = shape[0] if shape else None  # a fixed batch size, or None (dynamic)
         out_dim = outputs[0].shape[-1] if isinstance(outputs[0].shape[-1], int) else None
         graph = infer_spec(shape, None, out_dim)
         super().__init__(name, path, _complete(graph.merged(spec_overrides, where), name, graph))
+        check_input_shape(shape, self.spec, str(path))
         if self.spec.output is None:
             raw = self._run(_onnx_input(_probe_images(self.spec), self.spec))
             self.spec = dataclasses.replace(self.spec, output=_detect_output(raw))
