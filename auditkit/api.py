@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -12,6 +11,7 @@ from .errors import AuditkitError
 from .models import ModelAdapter, load_model
 from .policy import Policy, load_policy
 from .results import AuditResult, read_json
+from .staging import LOCK_NAME, staging_dir
 
 AFTER_DIR = "after-hardening"  # the hardened model's audit: its UAPs and samples
 
@@ -62,8 +62,7 @@ def run(model: str | Path | ModelAdapter, policy: str | Path | Policy, out_dir: 
     dataset, fmt, synthetic = load_policy_data(policy, size, data, progress, image_root)
     formats = list(formats or policy.report.formats)
     out_dir = Path(out_dir)
-    work = _staging_dir(out_dir)
-    try:
+    with staging_dir(out_dir, log) as work:
         audit_args = dict(synthetic=synthetic, data_format=fmt, command=command, policy_path=policy_path,
                           progress=progress, log=log, jobs=jobs)
         result = run_audit(policy, adapter, dataset, out_dir=work, surrogate=surrogate_model, deploy=deploy_model,
@@ -76,8 +75,6 @@ def run(model: str | Path | ModelAdapter, policy: str | Path | Policy, out_dir: 
 
         write_reports(result, work, formats)
         _publish(work, out_dir)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     return result
 
 
@@ -138,22 +135,6 @@ def rerender(results_json: str | Path, out_dir: str | Path | None = None,
     return write_reports(result, target, formats)
 
 
-def _staging_dir(out_dir: Path) -> Path:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise AuditkitError("exists and is not a directory", str(out_dir))
-    parent = out_dir.resolve().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise AuditkitError(f"cannot create the output folder ({exc.strerror})", str(out_dir)) from None
-    work = parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
-    try:
-        work.mkdir()
-    except OSError as exc:
-        raise AuditkitError(f"cannot write beside the output folder ({exc.strerror})", str(out_dir)) from None
-    return work
-
-
 def _publish(work: Path, out_dir: Path) -> None:
     """Move a finished run into `out_dir`, replacing the outputs of an earlier run there (also the reports of
     formats this run did not write, so no stale report sits beside the new results)."""
@@ -166,4 +147,5 @@ def _publish(work: Path, out_dir: Path) -> None:
     for name in FILENAMES.values():
         (out_dir / name).unlink(missing_ok=True)
     for item in work.iterdir():
-        item.replace(out_dir / item.name)
+        if item.name != LOCK_NAME:
+            item.replace(out_dir / item.name)

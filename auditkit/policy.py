@@ -479,7 +479,10 @@ _Loader.add_implicit_resolver(
 
 
 def _load_yaml(text: str, source: str) -> Any:
-    loader = _Loader(text)
+    try:
+        loader = _Loader(text)  # its reader refuses control characters already here
+    except yaml.YAMLError as err:
+        raise AuditkitError(f"invalid YAML: {str(err).splitlines()[0]}", where=source) from None
     try:
         node = loader.get_single_node()
         check_expanded_size(node, source)

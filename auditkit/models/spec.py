@@ -85,7 +85,11 @@ def sidecar_path(model_path: Path) -> Path | None:
 
 
 def read_sidecar(path: Path) -> dict[str, Any]:
-    loader = yaml.SafeLoader(read_text(path, "model spec"))
+    text = read_text(path, "model spec")
+    try:
+        loader = yaml.SafeLoader(text)  # its reader refuses control characters already here
+    except yaml.YAMLError as exc:
+        raise AuditkitError(f"invalid YAML ({str(exc).splitlines()[0]})", str(path)) from None
     try:
         node = loader.get_single_node()
         check_expanded_size(node, str(path))
