@@ -386,13 +386,14 @@ def _roots(root: Path) -> tuple[str, ...]:
     return tuple(dict.fromkeys((lexical, os.path.realpath(lexical))))
 
 
-def _inside(roots: tuple[str, ...], raw: str, where: str) -> tuple[str, str]:
-    """Normalised file path under a root and its posix id; AuditkitError if it escapes as written (symlinks are
-    resolved later, by containment.resolve_inside)."""
+def _inside(roots: tuple[str, ...], raw: str, where: str, base: str | None = None) -> tuple[str, str]:
+    """Normalised file path (`raw` relative to `base`, default the root) under a root, and its posix id relative
+    to the root; AuditkitError if it escapes as written (symlinks are resolved later, by
+    containment.resolve_inside)."""
     if not raw:
         raise AuditkitError("empty image path", where=where)
     check_text(raw, where)
-    path = os.path.normpath(raw if os.path.isabs(raw) else os.path.join(roots[0], raw))
+    path = os.path.normpath(raw if os.path.isabs(raw) else os.path.join(base or roots[0], raw))
     for base in roots:
         prefix = base if base.endswith(os.sep) else base + os.sep
         if path.startswith(prefix):  # strings: two Path() per row were a large share of a cache hit
@@ -404,14 +405,14 @@ def _read_table(path: Path, fmt: str, image_root: str | Path | None) -> _Table:
     data, text = _read_text(path)
     records = _csv_records(path, text) if fmt == "csv" else _jsonl_records(path, text)
     root = _dataset_root(image_root, path.parent)
-    roots, rows, extras = _roots(root), [], []
+    roots, base, rows, extras = _roots(root), os.path.abspath(path.parent), [], []
     for where, rec in records:
         for col in REQUIRED_COLUMNS:
             if col not in rec:
                 raise AuditkitError(f"missing required column {col!r}", where=where)
             if not isinstance(rec[col], str) or not rec[col].strip():
                 raise AuditkitError(f"column {col!r} must be a non-empty string, got {rec[col]!r}", where=where)
-        file, rid = _inside(roots, rec["path"].strip(), where)
+        file, rid = _inside(roots, rec["path"].strip(), where, base)
         rows.append(_Row(file, rid, rec["label"].strip(), rec["split"].strip(), where))
         extras.append({k: v for k, v in rec.items() if k not in REQUIRED_COLUMNS})
     keys = list(dict.fromkeys(k for e in extras for k in e))

@@ -479,3 +479,186 @@ def test_bad_input_gives_one_line_and_leaves_nothing(case, corpus):
     assert_one_line_error(record, case.expect, case.code)
     assert record["stdout"] == ""
     assert_nothing_left(d)
+
+
+# --------------------------------------------------------------------------- Keras and SavedModel, in-process
+@pytest.fixture(scope="session")
+def keras_models(tmp_path_factory) -> Path:
+    """Tiny Keras files that load but are wrong for auditkit, plus files that only look like models."""
+    import zipfile
+
+    import keras
+
+    d = tmp_path_factory.mktemp("corpus-keras")
+    inp = keras.Input((SIZE, SIZE), name="image")  # rank 3: no channel axis
+    keras.Model(inp, keras.layers.Dense(3, activation="softmax")(keras.layers.Flatten()(inp))).save(d / "rank3.keras")
+    inp = keras.Input((SIZE, SIZE, 1), name="image")
+    out = keras.layers.Dense(3, activation="softmax")(keras.layers.Flatten()(keras.layers.Lambda(lambda t: t * 2)(inp)))
+    keras.Model(inp, out).save(d / "lambda.keras")
+    with zipfile.ZipFile(d / "emptyzip.keras", "w"):
+        pass
+    with zipfile.ZipFile(d / "junkzip.keras", "w") as z:
+        z.writestr("config.json", "{not json")
+    (d / "sm").mkdir()
+    (d / "sm" / "saved_model.pb").write_bytes(b"\x08garbage")
+    for name in ("rank3", "lambda", "emptyzip", "junkzip"):
+        (d / f"{name}.yaml").write_text("classes: [normal, pneumonia, COVID-19]\n")
+    return d
+
+
+@pytest.mark.parametrize("name,expect", [
+    ("rank3.keras", ("rank3.keras", "rank 3", "[N, 16, 16]")),
+    ("lambda.keras", ("lambda.keras", "cannot load Keras model")),
+    ("emptyzip.keras", ("emptyzip.keras", "cannot load Keras model")),
+    ("junkzip.keras", ("junkzip.keras", "cannot load Keras model")),
+    ("sm", ("sm", "SavedModel")),
+])
+def test_bad_keras_and_savedmodel_files_give_one_line(keras_models, name, expect):
+    from typer.testing import CliRunner
+
+    from auditkit.cli import app
+
+    result = CliRunner().invoke(app, ["inspect", "--model", str(keras_models / name)])
+    assert_one_line_error({"code": result.exit_code, "stderr": result.stderr}, expect)
+
+
+# --------------------------------------------------------------------------- odd but valid: loads right
+def _load(manifest: Path, **kw):
+    from auditkit.data import Preprocess, load_dataset
+
+    return load_dataset(manifest, CLASSES, preprocess=Preprocess(size=8), cache_dir=False, **kw)
+
+
+def _pixels(ds, i: int) -> float:
+    return float(ds.images[i].mean())
+
+
+ODD = {
+    "crlf": lambda d: (png(d / "a.png"), (d / "m.csv").write_bytes(b"path,label,split\r\na.png,normal,train\r\n"),
+                       d / "m.csv")[-1],
+    "bom": lambda d: (png(d / "a.png"), (d / "m.csv").write_bytes(b"\xef\xbb\xbfpath,label,split\na.png,normal,t\n"),
+                      d / "m.csv")[-1],
+    "quoted-comma-space-unicode": lambda d: (png(d / "a, b é.png"), (d / "m.csv").write_text(
+        'path,label,split\n"a, b é.png",normal,train\n'), d / "m.csv")[-1],
+    "upper-suffix": lambda d: (png(d / "A.PNG"), (d / "m.csv").write_text("path,label,split\nA.PNG,normal,x\n"),
+                               d / "m.csv")[-1],
+    "symlink-inside": lambda d: (png(d / "img" / "a.png"), os.symlink("img/a.png", d / "in.png"),
+                                 (d / "m.csv").write_text("path,label,split\nin.png,normal,train\n"), d / "m.csv")[-1],
+    "jsonl-u2028-extra": lambda d: (png(d / "a.png"), (d / "m.jsonl").write_text(
+        '{"path": "a.png", "label": "normal", "split": "train", "note": "x\u2028y"}\n'), d / "m.jsonl")[-1],
+    "label-case-and-spaces": lambda d: (png(d / "a.png"), (d / "m.csv").write_text(
+        "path,label,split\n a.png , Normal ,train\n"), d / "m.csv")[-1],
+}
+
+
+@pytest.mark.parametrize("name", sorted(ODD))
+def test_odd_but_valid_manifests_load(tmp_path, name):
+    ds = _load(ODD[name](tmp_path))
+    assert len(ds) == 1 and ds.labels.tolist() == [0] and ds.images.shape == (1, 8, 8)
+
+
+def test_symlinked_dataset_root_loads(tmp_path):
+    png(tmp_path / "real" / "a.png")
+    (tmp_path / "real" / "m.csv").write_text("path,label,split\na.png,normal,train\n")
+    os.symlink(tmp_path / "real", tmp_path / "alias")
+    assert _load(tmp_path / "alias" / "m.csv").ids == ["a.png"]
+
+
+def test_manifest_in_a_subfolder_loads_with_image_root(tmp_path):
+    png(tmp_path / "images" / "a.png")
+    (tmp_path / "manifests").mkdir()
+    for name, text in (("x.csv", "path,label,split\n../images/a.png,normal,train\n"),
+                       ("x.jsonl", '{"path": "../images/a.png", "label": "normal", "split": "train"}\n')):
+        (tmp_path / "manifests" / name).write_text(text)
+        assert _load(tmp_path / "manifests" / name, image_root=tmp_path).ids == ["images/a.png"]
+
+
+@pytest.mark.parametrize("kind", ["monochrome1", "png16", "rgba", "jpeg"])
+def test_odd_but_valid_images_decode(tmp_path, kind):
+    from auditkit.data import decode_image
+
+    if kind == "monochrome1":
+        pixels = np.tile(np.arange(0, 4096, 256, dtype=np.uint16), (16, 1))
+        m1 = decode_image(_dicom(tmp_path / "m1.dcm", pixels, photometric="MONOCHROME1"))
+        m2 = decode_image(_dicom(tmp_path / "m2.dcm", pixels))
+        assert (m1.astype(int) + m2 == 255).all()
+    elif kind == "png16":
+        Image.fromarray(np.tile(np.arange(0, 65536, 4096, dtype=np.uint16), (16, 1))).save(tmp_path / "d.png")
+        out = decode_image(tmp_path / "d.png")
+        assert out[0, 0] == 0 and out[0, -1] == 255
+    elif kind == "rgba":
+        Image.new("RGBA", (4, 4), (200, 200, 200, 0)).save(tmp_path / "t.png")
+        assert decode_image(tmp_path / "t.png").max() == 0  # fully transparent over black
+    else:
+        Image.fromarray(np.full((16, 16), 128, np.uint8)).save(tmp_path / "g.jpg", quality=95)
+        assert abs(int(decode_image(tmp_path / "g.jpg").mean()) - 128) <= 2
+
+
+def test_small_aliases_in_a_policy_are_fine(tmp_path):
+    from auditkit.policy import load_policy
+
+    text = POLICY.replace("random_controls: {draws: 0}", "random_controls: &rc {draws: 0}\nx-shared: *rc")
+    (tmp_path / "p.yaml").write_text(text.replace("    blackbox: {batch_size: 3, samples: 1, low_res: 4}",
+                                                  "    blackbox: &bb {batch_size: 3, samples: 1, low_res: 4}"))
+    with pytest.raises(Exception, match="x-shared"):  # the alias itself is fine; the unknown key is not
+        load_policy(tmp_path / "p.yaml")
+    (tmp_path / "q.yaml").write_text(POLICY.replace("norms: [inf]", "norms: &n [inf]").replace(
+        "random_controls:", "  - kinds: [nontargeted]\n    norms: *n\n    zetas: [0.2]\n"
+                            "    algorithm: blackbox\n    max_iter: 1\nrandom_controls:"))
+    assert [c.key for c in load_policy(tmp_path / "q.yaml").cells(CLASSES)] == [
+        "nontargeted_inf_z0.1_blackbox", "nontargeted_inf_z0.2_blackbox"]
+
+
+# --------------------------------------------------------------------------- signals and stale staging folders
+def _start(world: World, d: Path, *extra: str) -> tuple[subprocess.Popen, Path]:
+    err_file = d / "stderr.txt"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "auditkit", *world.run(d / "w", None, *extra)],
+                            stdout=subprocess.DEVNULL, stderr=open(err_file, "wb"), env=env)
+    return proc, err_file
+
+
+@pytest.mark.parametrize("sig,code,word", [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "SIGINT")])
+def test_a_signal_mid_run_cleans_up_and_says_so_in_one_line(world, tmp_path, sig, code, word):
+    (tmp_path / "w").mkdir()
+    proc, err_file = _start(world, tmp_path)
+    deadline = time.monotonic() + 60
+    while not list((tmp_path / "w").glob(".out.partial-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    record = {"code": proc.returncode, "stderr": err_file.read_text()}
+    assert_one_line_error(record, (word, "no output was written"), code)
+    assert_nothing_left(tmp_path / "w")
+
+
+def test_stale_staging_folders_are_removed_and_a_live_ones_kept(world, tmp_path):
+    import fcntl
+
+    from auditkit.staging import LOCK_NAME
+
+    w = tmp_path / "w"
+    dead, unlocked, live = (w / f".out.partial-{n}" for n in ("dead", "old", "live"))
+    for folder in (dead, unlocked, live):
+        folder.mkdir(parents=True)
+        (folder / "junk.npy").write_bytes(b"x")
+    (dead / LOCK_NAME).write_bytes(b"")
+    os.utime(unlocked, (time.time() - 3600, time.time() - 3600))
+    holder = os.open(live / LOCK_NAME, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(holder, fcntl.LOCK_EX)  # this process stands for a live run
+    try:
+        # and a manifest in a sub-folder naming ../img/..., which needs --image-root
+        m = dataset(w)
+        (m.parent / "manifests").mkdir()
+        (m.parent / "manifests" / "x.csv").write_text(m.read_text().replace("img/", "../img/"))
+        proc = subprocess.run([sys.executable, "-m", "auditkit", *world.run(w, m.parent / "manifests" / "x.csv",
+                                                                          "--image-root", m.parent)],
+                              capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    finally:
+        os.close(holder)
+    assert proc.returncode == 0, proc.stderr
+    assert "removed '.out.partial-dead'" in proc.stderr and "removed '.out.partial-old'" in proc.stderr
+    assert not dead.exists() and not unlocked.exists() and (live / "junk.npy").exists()
+    assert sorted(p.name for p in (w / "out").iterdir()) == ["results.json", "samples", "uaps"]
+    assert [p.name for p in w.glob(".out.partial-*")] == [live.name]
