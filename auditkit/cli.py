@@ -28,8 +28,6 @@ from .quiet import silence_third_party
 EXIT_CODES = """Exit codes: 0 every threshold passed · 1 a threshold failed · 2 bad input or usage (one line naming
 what and where) · 3 internal error (a bug: rerun with --debug and report it)."""
 
-
-
 # typer >= 0.24 carries its own copy of click, whose exceptions derive from TyperException
 _USAGE_ERRORS = tuple({getattr(typer, "TyperException", click.ClickException), click.ClickException})
 

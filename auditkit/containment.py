@@ -31,17 +31,31 @@ def check_text(raw: str, where: str) -> None:
         raise AuditkitError(f"image path {quote(raw)} contains a NUL byte", where=where)
 
 
-def resolve_inside(root: str, file: str, where: str) -> str:
-    """`file` with symlinks resolved; AuditkitError unless it lies under `root` (a real_root)."""
-    check_text(file, where)
-    real = os.path.realpath(file)
-    if not _under(root, real):
-        raise AuditkitError(f"image path {quote(file)} leads outside the dataset root {quote(root)} "
-                            "(through a symbolic link)", where=where)
-    return real
+class Resolver:
+    """Real paths of a dataset's files, each required to lie under `root` (a real_root). Folders are resolved
+    once each: a full realpath per file cost 37 us a row, more than doubling a 3000-image cache hit."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self._folders: dict[str, str] = {}
+
+    def regular_file(self, file: str, where: str) -> tuple[str, os.stat_result]:
+        """(real path, lstat) of `file`; AuditkitError unless it lies under the root and is a regular file."""
+        check_text(file, where)
+        head, name = os.path.split(file)
+        folder = self._folders.get(head)
+        if folder is None:
+            folder = self._folders[head] = os.path.realpath(head)
+        real = os.path.join(folder, name)
+        if os.path.islink(real):
+            real = os.path.realpath(real)
+        if not _under(self.root, real):
+            raise AuditkitError(f"image path {quote(file)} leads outside the dataset root {quote(self.root)} "
+                                "(through a symbolic link)", where=where)
+        return real, _stat_regular(real, where)
 
 
-def stat_regular(file: str, where: str) -> os.stat_result:
+def _stat_regular(file: str, where: str) -> os.stat_result:
     """lstat of a resolved path; AuditkitError unless it is a regular file."""
     try:
         st = os.lstat(file)

@@ -21,7 +21,7 @@ import numpy as np
 import PIL
 from PIL import Image, ImageOps
 
-from .containment import check_text, read_inside, real_root, resolve_inside, stat_regular
+from .containment import Resolver, check_text, read_inside, real_root
 from .errors import AuditkitError, AuditkitWarning
 from .fileio import atomic_write
 from .messages import quote
@@ -270,13 +270,14 @@ def load_dataset(manifest: str | Path, classes: Sequence[str], *, aliases: Mappi
 
     seen: dict[str, str] = {}
     labels = np.empty(len(rows), dtype=np.int64)
-    file_stats = []
+    file_stats, resolver = [], Resolver(table.root)
     for i, r in enumerate(rows):
         if r.id in seen:
             raise AuditkitError(f"duplicate image {r.id} (first listed at {seen[r.id]})", where=r.where)
         seen[r.id] = r.where
         labels[i] = resolve_label(r.raw_label, r.where)
-        file_stats.append([r.id, *_stat_image(r, table.root)])
+        r.file, st = resolver.regular_file(r.file, r.where)  # from here on the row reads its real path
+        file_stats.append([r.id, st.st_size, st.st_mtime_ns])
 
     cache_stem = cached = None
     if cache_dir is not False:
@@ -330,14 +331,6 @@ def _label_resolver(classes: tuple[str, ...], aliases: dict[str, str]) -> Callab
         return index[name]
 
     return resolve
-
-
-def _stat_image(r: _Row, root: str) -> tuple[int, int]:
-    """(size, mtime) of a row's image, once its real path is known to lie under `root`; the row then reads
-    from that real path."""
-    r.file = resolve_inside(root, r.file, r.where)
-    st = stat_regular(r.file, r.where)
-    return st.st_size, st.st_mtime_ns
 
 
 def _detect_format(manifest: Path) -> str:
