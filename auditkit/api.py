@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -15,6 +14,7 @@ from .fileio import atomic_write_text
 from .models import ModelAdapter, load_model
 from .policy import Policy, load_policy
 from .results import AuditResult, HardeningRecord, read_json
+from .staging import LOCK_NAME, staging_dir
 
 AFTER_DIR = "after-hardening"  # the hardened model's audit: its UAPs and samples
 
@@ -23,14 +23,15 @@ __all__ = ["run", "harden", "harden_model", "train_zoo", "rerender", "load_polic
 
 
 def run(model: str | Path | ModelAdapter, policy: str | Path | Policy, out_dir: str | Path, *,
-        data: str | Path | None = None, formats: Sequence[str] | None = None, seed: int | None = None,
+        data: str | Path | None = None, image_root: str | Path | None = None, formats: Sequence[str] | None = None, seed: int | None = None,
         spec_overrides: Mapping[str, Any] | None = None, harden: bool | None = None,
         surrogate: str | Path | None = None, deploy: str | Path | None = None, transfer: Sequence[str | Path] = (),
         jobs: int | None = None, command: str = "",
         progress: Progress | None = None, log: Callable[[str], None] = lambda _msg: None) -> AuditResult:
     """Audit `model` under `policy` and write results, UAPs and reports into `out_dir`.
 
-    `surrogate` crafts the UAPs on another (white-box) model; `deploy` is the file actually shipped (e.g. the
+    `image_root` is the dataset root every image must lie in (default: the policy's data.image_root, else the
+    manifest's folder). `surrogate` crafts the UAPs on another (white-box) model; `deploy` is the file actually shipped (e.g. the
     ONNX export), evaluated under every UAP with a parity check; `transfer` models (plus the policy's
     `transfer:` list) are evaluated under every UAP for a transferability matrix. `jobs` cells run at a time
     (default: one per CPU core), with the same results.
@@ -56,11 +57,10 @@ def run(model: str | Path | ModelAdapter, policy: str | Path | Policy, out_dir: 
     deploy_model = load_model(deploy) if deploy is not None else None
     transfer_models = [load_model(t) for t in [*policy.transfer, *transfer]]
     size = policy.data.preprocess.size or adapter.spec.input_size
-    dataset, fmt, synthetic = load_policy_data(policy, size, data, progress)
+    dataset, fmt, synthetic = load_policy_data(policy, size, data, progress, image_root)
     formats = list(formats or policy.report.formats)
     out_dir = Path(out_dir)
-    work = _staging_dir(out_dir)
-    try:
+    with staging_dir(out_dir, log) as work:
         audit_args = dict(synthetic=synthetic, data_format=fmt, command=command, policy_path=policy_path,
                           progress=progress, log=log, jobs=jobs)
         result = run_audit(policy, adapter, dataset, out_dir=work, surrogate=surrogate_model, deploy=deploy_model,
@@ -73,14 +73,13 @@ def run(model: str | Path | ModelAdapter, policy: str | Path | Policy, out_dir: 
 
         write_reports(result, work, formats)
         _publish(work, out_dir)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     return result
 
 
 def harden(model: str | Path | ModelAdapter, policy: str | Path | Policy, out_dir: str | Path, *,
-           data: str | Path | None = None, seed: int | None = None, spec_overrides: Mapping[str, Any] | None = None,
-           progress: Progress | None = None, log: Callable[[str], None] = lambda _msg: None) -> HardeningRecord:
+           data: str | Path | None = None, image_root: str | Path | None = None, seed: int | None = None,
+           spec_overrides: Mapping[str, Any] | None = None, progress: Progress | None = None,
+           log: Callable[[str], None] = lambda _msg: None) -> HardeningRecord:
     """Adversarial retraining alone: hardened.keras, hardened.onnx (parity-checked), hardened.yaml and
     hardening.json in `out_dir`, written through a staging folder as `run` writes; the round checkpoints in
     out_dir/hardening/ stay, so rerunning the same call resumes after the last finished round."""
@@ -89,16 +88,14 @@ def harden(model: str | Path | ModelAdapter, policy: str | Path | Policy, out_di
     from .harden import check_trainable
 
     check_trainable(adapter)
-    dataset, _, _ = load_policy_data(policy, policy.data.preprocess.size or adapter.spec.input_size, data, progress)
+    dataset, _, _ = load_policy_data(policy, policy.data.preprocess.size or adapter.spec.input_size, data, progress,
+                                     image_root)
     out_dir = Path(out_dir)
-    work = _staging_dir(out_dir)
-    try:
+    with staging_dir(out_dir, log) as work:
         _, record = harden_model(policy, adapter, dataset, work, progress=progress, log=log,
                                  checkpoint_dir=out_dir / "hardening")
         atomic_write_text(work / "hardening.json", json.dumps(dataclasses.asdict(record), indent=2) + "\n")
         _publish(work, out_dir)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     return record
 
 
@@ -175,22 +172,6 @@ def rerender(results_json: str | Path, out_dir: str | Path | None = None,
     return write_reports(result, target, formats)
 
 
-def _staging_dir(out_dir: Path) -> Path:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise AuditkitError("exists and is not a directory", str(out_dir))
-    parent = out_dir.resolve().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise AuditkitError(f"cannot create the output folder ({exc.strerror})", str(out_dir)) from None
-    work = parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
-    try:
-        work.mkdir()
-    except OSError as exc:
-        raise AuditkitError(f"cannot write beside the output folder ({exc.strerror})", str(out_dir)) from None
-    return work
-
-
 def _publish(work: Path, out_dir: Path) -> None:
     """Move a finished run into `out_dir`, replacing the outputs of an earlier run there (also the reports of
     formats this run did not write, so no stale report sits beside the new results)."""
@@ -203,4 +184,5 @@ def _publish(work: Path, out_dir: Path) -> None:
     for name in FILENAMES.values():
         (out_dir / name).unlink(missing_ok=True)
     for item in work.iterdir():
-        item.replace(out_dir / item.name)
+        if item.name != LOCK_NAME:
+            item.replace(out_dir / item.name)

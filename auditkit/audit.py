@@ -57,8 +57,10 @@ class Split:
 
 
 def load_policy_data(policy: Policy, size: int, manifest: str | Path | None = None,
-                     progress: Progress | None = None) -> tuple[Dataset, str, bool]:
-    """The policy's dataset (or `manifest` instead): (dataset, format, synthetic)."""
+                     progress: Progress | None = None,
+                     image_root: str | Path | None = None) -> tuple[Dataset, str, bool]:
+    """The policy's dataset (or `manifest` instead, under `image_root` instead of the policy's data.image_root):
+    (dataset, format, synthetic)."""
     from .phantoms import default_phantom_manifest
 
     cfg = policy.data
@@ -68,7 +70,8 @@ def load_policy_data(policy: Policy, size: int, manifest: str | Path | None = No
         source = default_phantom_manifest()
     progress = progress or SilentProgress()
     progress.start("loading images", 1)
-    dataset = load_dataset(source, cfg.classes, aliases=cfg.aliases, fmt=cfg.format, image_root=cfg.image_root,
+    dataset = load_dataset(source, cfg.classes, aliases=cfg.aliases, fmt=cfg.format,
+                           image_root=cfg.image_root if image_root is None else image_root,
                            preprocess=Preprocess(size=size, crop_top=cfg.preprocess.crop_top,
                                                  resize=cfg.preprocess.resize),
                            progress=lambda done, total: progress.update(done, total=total))

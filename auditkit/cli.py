@@ -3,22 +3,57 @@ from __future__ import annotations
 
 import functools
 import shlex
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Optional
 
+import click
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
+from typer.core import TyperGroup
 
 from .errors import AuditkitError
+from .messages import error_line
+from .messages import escape as one_line
+from .quiet import silence_third_party
 
 EXIT_CODES = """Exit codes: 0 every threshold passed · 1 a threshold failed · 2 bad input or usage (one line naming
 what and where) · 3 internal error (a bug: rerun with --debug and report it)."""
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+# typer >= 0.24 carries its own copy of click, whose exceptions derive from TyperException
+_USAGE_ERRORS = tuple({getattr(typer, "TyperException", click.ClickException), click.ClickException})
+
+
+class _OneLineUsageErrors(TyperGroup):
+    """Usage errors (unknown option, --jobs -1, a missing --model) as the same one line as any bad input, exit 2,
+    instead of click's usage block."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _USAGE_ERRORS as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # no arguments at all: the help text, as click shows it
+                exc.show()
+                sys.exit(exc.exit_code)
+            ctx = getattr(exc, "ctx", None)
+            hint = f"see {ctx.command_path if ctx else self.name} --help"
+            _print_line(error_line(exc.format_message(), hint))
+            code = 2
+        except typer.Abort:
+            _print_line(error_line("interrupted"))
+            code = 130
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, cls=_OneLineUsageErrors,
                   help=f"Audit image classifiers against universal adversarial perturbations.\n\n{EXIT_CODES}")
 policy_app = typer.Typer(no_args_is_help=True, help="Policy files.")
 zoo_app = typer.Typer(no_args_is_help=True, help="Built-in reference models.")
@@ -34,13 +69,36 @@ FORMATS = ("html", "pdf", "json", "junit")
 @app.callback()
 def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors.")):
     STATE["debug"] = debug
+    if not debug:
+        silence_third_party(_print_line)
+
+
+class Terminated(BaseException):
+    """SIGTERM (a CI time-out, `docker stop`), raised in the main thread like KeyboardInterrupt for SIGINT, so
+    that the same clean-up runs."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
+def _print_line(line: str) -> None:
+    """One already escaped line on stderr, its leading 'error:' or 'warning:' in red on a terminal."""
+    text = Text(line)
+    head = line.split(":", 1)[0]
+    if head in ("error", "warning", "internal error"):
+        text.stylize("bold red", 0, len(head) + 1)
+    console.print(text, highlight=False, soft_wrap=True)
 
 
 def _guarded(fn):
-    """Bad input -> one line on stderr and exit 2; anything unexpected -> exit 3 (traceback with --debug)."""
+    """Bad input -> one line on stderr and exit 2; anything unexpected -> exit 3 (traceback with --debug);
+    SIGINT -> exit 130, SIGTERM -> exit 143, after the same clean-up (staging folders removed)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
+        previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
         try:
             return fn(*args, **kwargs)
         except typer.Exit:
@@ -48,17 +106,22 @@ def _guarded(fn):
         except AuditkitError as exc:
             if STATE["debug"]:
                 raise
-            console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, markup=True, soft_wrap=True)
+            _print_line(error_line(str(exc)))
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            console.print("[bold red]interrupted[/]: no output was written", markup=True)
+            _print_line(error_line("interrupted (SIGINT); no output was written"))
             raise typer.Exit(130) from None
+        except Terminated:
+            _print_line(error_line("terminated (SIGTERM); no output was written"))
+            raise typer.Exit(143) from None
         except Exception as exc:  # noqa: BLE001 - last line of defence of a CLI
             if STATE["debug"]:
                 raise
-            console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc))} (rerun with --debug)",
-                          highlight=False, markup=True, soft_wrap=True)
+            _print_line("internal " + error_line(f"{type(exc).__name__}: {exc}", "rerun with --debug"))
             raise typer.Exit(3) from None
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper
 
@@ -75,8 +138,12 @@ class RichProgress:
         self.bar.start()
         return self
 
-    def __exit__(self, *exc):
-        self.bar.stop()
+    def __exit__(self, exc_type, *exc):
+        if exc_type is None:
+            self.bar.stop()
+        else:  # an error follows: leave no bar behind it, nor the blank line Progress.stop adds off a terminal
+            self.bar.live.transient = True
+            self.bar.live.stop()
 
     def start(self, label, total):
         if self.task is not None:
@@ -116,6 +183,8 @@ def _spec_overrides(model_spec: Optional[Path], classes: Optional[str], input_si
     return spec | {k: v for k, v in flags.items() if v is not None}
 
 
+IMAGE_ROOT_OPT = typer.Option(None, "--image-root", help="Folder every image path must lie in (default: the "
+                              "policy's data.image_root, else the manifest's folder).")
 MODEL_HELP = "Zoo name (covidnet_small, covidnet_large), .keras file, SavedModel directory or .onnx file."
 SPEC_OPTS = dict(
     model_spec=typer.Option(None, "--model-spec", help="A model.yaml to use instead of the one beside the model."),
@@ -133,6 +202,7 @@ def run(
     model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
     policy: Path = typer.Option(..., "--policy", "-p", help="Policy YAML (see policies/)."),
     data: Optional[Path] = typer.Option(None, "--data", help="Manifest to audit on instead of the policy's."),
+    image_root: Optional[Path] = IMAGE_ROOT_OPT,
     out_dir: Path = typer.Option(Path("audit-out"), "--out", "-o", help="Output directory."),
     formats: Optional[str] = typer.Option(None, "--formats", help="Comma-separated: html,pdf,json,junit."),
     seed: Optional[int] = typer.Option(None, "--seed", min=0, help="Override the policy's seed."),
@@ -160,7 +230,8 @@ def run(
     overrides = _spec_overrides(model_spec, classes, input_size, channels, scale, output)
     command = "auditkit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     with RichProgress() as progress:
-        result = api.run(model, policy, out_dir, data=data, formats=fmts, seed=seed, spec_overrides=overrides,
+        result = api.run(model, policy, out_dir, data=data, image_root=image_root, formats=fmts, seed=seed,
+                         spec_overrides=overrides,
                          harden=harden, surrogate=surrogate, deploy=deploy, transfer=transfer or (), jobs=jobs,
                          command=command, progress=progress, log=_log)
     _print_summary(result, out_dir)
@@ -172,7 +243,7 @@ def run(
 
 
 def _log(message: str) -> None:
-    console.print(f"  {message}", highlight=False)
+    console.print(Text(one_line(f"  {message}")), highlight=False, soft_wrap=True)
 
 
 @app.command("harden")
@@ -181,6 +252,7 @@ def harden_cmd(
     model: str = typer.Option(..., "--model", "-m", help="Zoo name or .keras file (the model must be trainable)."),
     policy: Path = typer.Option(..., "--policy", "-p", help="Policy YAML; its hardening block is used."),
     data: Optional[Path] = typer.Option(None, "--data", help="Manifest instead of the policy's."),
+    image_root: Optional[Path] = IMAGE_ROOT_OPT,
     out_dir: Path = typer.Option(Path("hardened"), "--out", "-o", help="Output directory."),
     seed: Optional[int] = typer.Option(None, "--seed", min=0, help="Override the policy's seed."),
     model_spec: Optional[Path] = SPEC_OPTS["model_spec"], classes: Optional[str] = SPEC_OPTS["classes"],
@@ -190,8 +262,8 @@ def harden_cmd(
     from . import api
 
     with RichProgress() as progress:
-        record = api.harden(model, policy, out_dir, data=data, seed=seed, progress=progress, log=_log,
-                            spec_overrides=_spec_overrides(model_spec, classes, None, None, None, None))
+        record = api.harden(model, policy, out_dir, data=data, image_root=image_root, seed=seed, progress=progress,
+                            log=_log, spec_overrides=_spec_overrides(model_spec, classes, None, None, None, None))
     first, last = record.rounds[0], record.rounds[-1]
     parity = record.parity
     out.print(f"attack success {first.attack_rate.value:.1%} -> {last.attack_rate.value:.1%}, clean accuracy "

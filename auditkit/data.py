@@ -11,7 +11,6 @@ import io
 import json
 import numbers
 import os
-import stat
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -22,8 +21,10 @@ import numpy as np
 import PIL
 from PIL import Image, ImageOps
 
-from .errors import AuditkitError
+from .containment import Resolver, check_text, read_inside, real_root
+from .errors import AuditkitError, AuditkitWarning
 from .fileio import atomic_write
+from .messages import quote
 
 FORMATS = ("auto", "csv", "jsonl", "covidx", "folders")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")
@@ -140,11 +141,13 @@ def preprocess_image(gray_uint8: np.ndarray, pre: Preprocess) -> np.ndarray:
     return np.asarray(Image.fromarray(a).resize((pre.size, pre.size), _RESAMPLE[pre.resize]))
 
 
-def decode_image(path: Path) -> np.ndarray:
-    """uint8 HxW grayscale from PNG/JPEG (any mode) or DICOM (.dcm suffix or DICM magic)."""
+def decode_image(path: Path, root: str | None = None) -> np.ndarray:
+    """uint8 HxW grayscale from PNG/JPEG (any mode) or DICOM (.dcm suffix or DICM magic). With `root` (a
+    real_root), `path` must be a resolved path under it and is opened without following symlinks."""
     path = Path(path)
     try:
-        return _decode_dicom(path) if _is_dicom(path) else _decode_pil(path)
+        data = read_inside(root, str(path), str(path)) if root is not None else path.read_bytes()
+        return _decode_dicom(data, path) if _is_dicom(path, data) else _decode_pil(data)
     except AuditkitError:
         raise
     except FileNotFoundError:
@@ -153,15 +156,12 @@ def decode_image(path: Path) -> np.ndarray:
         raise AuditkitError(f"cannot decode image: {_one_line(e)}", where=str(path)) from e
 
 
-def _is_dicom(path: Path) -> bool:
-    if path.suffix.lower() == ".dcm":
-        return True
-    with open(path, "rb") as f:
-        return f.read(132)[128:] == b"DICM"
+def _is_dicom(path: Path, data: bytes) -> bool:
+    return path.suffix.lower() == ".dcm" or data[128:132] == b"DICM"
 
 
-def _decode_pil(path: Path) -> np.ndarray:
-    with Image.open(path) as im:
+def _decode_pil(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as im:
         im = ImageOps.exif_transpose(im)
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         return _minmax8(np.asarray(im, dtype=np.float64))
@@ -176,10 +176,10 @@ def _minmax8(a: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(a), 0, 255).astype(np.uint8)
 
 
-def _decode_dicom(path: Path) -> np.ndarray:
+def _decode_dicom(data: bytes, path: Path) -> np.ndarray:
     import pydicom  # only DICOM needs it
 
-    ds = pydicom.dcmread(path, force=False)
+    ds = pydicom.dcmread(io.BytesIO(data), force=False)
     if "PixelData" not in ds:
         raise AuditkitError("DICOM file has no pixel data", where=str(path))
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
@@ -233,6 +233,7 @@ class _Table:
     rows: list[_Row]
     extra: dict[str, list]
     sha256: str
+    root: str  # the dataset root, resolved (containment.real_root): every image must really lie under it
 
 
 def load_dataset(manifest: str | Path, classes: Sequence[str], *, aliases: Mapping[str, str] | None = None,
@@ -252,8 +253,6 @@ def load_dataset(manifest: str | Path, classes: Sequence[str], *, aliases: Mappi
     if not manifest.exists():
         raise AuditkitError("manifest not found", where=str(manifest))
     fmt = _detect_format(manifest) if fmt == "auto" else fmt
-    if image_root is not None and fmt != "covidx":
-        raise AuditkitError(f"image_root applies only to COVIDx split files, not to {fmt}", where=str(manifest))
     if fmt in ("csv", "jsonl") and not manifest.is_file():
         raise AuditkitError(f"a {fmt} manifest must be a file", where=str(manifest))
     if fmt == "folders" and not manifest.is_dir():
@@ -262,22 +261,23 @@ def load_dataset(manifest: str | Path, classes: Sequence[str], *, aliases: Mappi
     if fmt == "covidx":
         table = _read_covidx(manifest, image_root)
     elif fmt == "folders":
-        table = _read_folders(manifest)
+        table = _read_folders(manifest, image_root)
     else:
-        table = _read_table(manifest, fmt)
+        table = _read_table(manifest, fmt, image_root)
     rows = table.rows
     if not rows:
         raise AuditkitError("empty manifest: no image rows", where=str(manifest))
 
     seen: dict[str, str] = {}
     labels = np.empty(len(rows), dtype=np.int64)
-    file_stats = []
+    file_stats, resolver = [], Resolver(table.root)
     for i, r in enumerate(rows):
         if r.id in seen:
             raise AuditkitError(f"duplicate image {r.id} (first listed at {seen[r.id]})", where=r.where)
         seen[r.id] = r.where
         labels[i] = resolve_label(r.raw_label, r.where)
-        file_stats.append([r.id, *_stat_image(r)])
+        r.file, st = resolver.regular_file(r.file, r.where)  # from here on the row reads its real path
+        file_stats.append([r.id, st.st_size, st.st_mtime_ns])
 
     cache_stem = cached = None
     if cache_dir is not False:
@@ -289,7 +289,7 @@ def load_dataset(manifest: str | Path, classes: Sequence[str], *, aliases: Mappi
         cache_stem = (default_cache_dir() if cache_dir is None else Path(cache_dir)) / f"data-{key}"
         cached = _read_cache(cache_stem, (len(rows), preprocess.size, preprocess.size))
     if cached is None:
-        images = _decode_all(rows, preprocess, progress)
+        images = _decode_all(rows, table.root, preprocess, progress)
         content_sha = content_digest(images, labels)
         if cache_stem is not None:
             _write_cache(cache_stem, images, content_sha)
@@ -333,18 +333,6 @@ def _label_resolver(classes: tuple[str, ...], aliases: dict[str, str]) -> Callab
     return resolve
 
 
-def _stat_image(r: _Row) -> tuple[int, int]:
-    try:
-        st = os.stat(r.file)
-    except FileNotFoundError:
-        raise AuditkitError(f"image file not found: {r.file}", where=r.where) from None
-    except OSError as e:
-        raise AuditkitError(f"cannot read image file {r.file}: {e.strerror or e}", where=r.where) from None
-    if not stat.S_ISREG(st.st_mode):
-        raise AuditkitError(f"image path is not a file: {r.file}", where=r.where)
-    return st.st_size, st.st_mtime_ns
-
-
 def _detect_format(manifest: Path) -> str:
     if manifest.is_dir():
         if (manifest / "train.txt").is_file() or (manifest / "test.txt").is_file():
@@ -377,39 +365,52 @@ def _read_text(path: Path) -> tuple[bytes, str]:
     return data, text
 
 
+def _dataset_root(given: str | Path | None, default: Path) -> Path:
+    """image_root when given (policy or --image-root), else the manifest's own folder; it must be a folder."""
+    root = Path(given) if given is not None else default
+    if not root.is_dir():
+        raise AuditkitError("image root is not a directory", where=str(root))
+    return root
+
+
 def _roots(root: Path) -> tuple[str, ...]:
     """The dataset root as given (absolute) and with symlinks resolved, for _inside."""
     lexical = os.path.abspath(root)
     return tuple(dict.fromkeys((lexical, os.path.realpath(lexical))))
 
 
-def _inside(roots: tuple[str, ...], raw: str, where: str) -> tuple[str, str]:
-    """Normalised file path under a root and its posix id; AuditkitError if it escapes (checked lexically)."""
+def _inside(roots: tuple[str, ...], raw: str, where: str, base: str | None = None) -> tuple[str, str]:
+    """Normalised file path (`raw` relative to `base`, default the root) under a root, and its posix id relative
+    to the root; AuditkitError if it escapes as written (symlinks are resolved later, by
+    containment.resolve_inside)."""
     if not raw:
         raise AuditkitError("empty image path", where=where)
-    path = os.path.normpath(raw if os.path.isabs(raw) else os.path.join(roots[0], raw))
+    check_text(raw, where)
+    path = os.path.normpath(raw if os.path.isabs(raw) else os.path.join(base or roots[0], raw))
     for base in roots:
         prefix = base if base.endswith(os.sep) else base + os.sep
         if path.startswith(prefix):  # strings: two Path() per row were a large share of a cache hit
             return path, path[len(prefix):].replace(os.sep, "/")
-    raise AuditkitError(f"image path {raw!r} is outside the dataset root {roots[0]}", where=where)
+    raise AuditkitError(f"image path {quote(raw)} is outside the dataset root {quote(roots[0])}", where=where)
 
 
-def _read_table(path: Path, fmt: str) -> _Table:
+def _read_table(path: Path, fmt: str, image_root: str | Path | None) -> _Table:
     data, text = _read_text(path)
     records = _csv_records(path, text) if fmt == "csv" else _jsonl_records(path, text)
-    roots, rows, extras = _roots(path.parent), [], []
+    root = _dataset_root(image_root, path.parent)
+    roots, base, rows, extras = _roots(root), os.path.abspath(path.parent), [], []
     for where, rec in records:
         for col in REQUIRED_COLUMNS:
             if col not in rec:
                 raise AuditkitError(f"missing required column {col!r}", where=where)
             if not isinstance(rec[col], str) or not rec[col].strip():
                 raise AuditkitError(f"column {col!r} must be a non-empty string, got {rec[col]!r}", where=where)
-        file, rid = _inside(roots, rec["path"].strip(), where)
+        file, rid = _inside(roots, rec["path"].strip(), where, base)
         rows.append(_Row(file, rid, rec["label"].strip(), rec["split"].strip(), where))
         extras.append({k: v for k, v in rec.items() if k not in REQUIRED_COLUMNS})
     keys = list(dict.fromkeys(k for e in extras for k in e))
-    return _Table(rows, {k: [e.get(k) for e in extras] for k in keys}, hashlib.sha256(data).hexdigest())
+    return _Table(rows, {k: [e.get(k) for e in extras] for k in keys}, hashlib.sha256(data).hexdigest(),
+                  real_root(root))
 
 
 def _csv_records(path: Path, text: str) -> list[tuple[str, dict]]:
@@ -458,9 +459,7 @@ def _read_covidx(manifest: Path, image_root: str | Path | None) -> _Table:
     files = sorted(manifest.glob("*.txt")) if manifest.is_dir() else [manifest]
     if not files:
         raise AuditkitError("no COVIDx split files (*.txt) in this folder", where=str(manifest))
-    root = Path(image_root) if image_root is not None else files[0].parent
-    if not root.is_dir():
-        raise AuditkitError("image root is not a directory", where=str(root))
+    root = _dataset_root(image_root, files[0].parent)
     roots, digest = _roots(root), hashlib.sha256()
     rows, patients, sources = [], [], []
     for f in files:
@@ -488,7 +487,7 @@ def _read_covidx(manifest: Path, image_root: str | Path | None) -> _Table:
             rows.append(_Row(file, rid, label, split, where))
             patients.append(patient)
             sources.append(source)
-    return _Table(rows, {"patient_id": patients, "source": sources}, digest.hexdigest())
+    return _Table(rows, {"patient_id": patients, "source": sources}, digest.hexdigest(), real_root(root))
 
 
 def _class_folder_images(root: Path):
@@ -503,26 +502,31 @@ def _class_folder_images(root: Path):
                     yield split_dir.name, label_dir.name, f
 
 
-def _read_folders(root: Path) -> _Table:
+def _read_folders(root: Path, image_root: str | Path | None) -> _Table:
+    """Class folders; image_root, when given, is the containment root and must hold the tree."""
+    outer = real_root(_dataset_root(image_root, root))
+    if not (real_root(root) + os.sep).startswith(outer + os.sep):
+        raise AuditkitError(f"the dataset folder is outside image_root {quote(outer)}", where=str(root))
     try:
         found = list(_class_folder_images(root))
     except OSError as e:
         raise AuditkitError(f"cannot list dataset folder: {e.strerror or e}", where=str(root)) from None
     rows = [_Row(str(f), f.relative_to(root).as_posix(), label, split, str(f)) for split, label, f in found]
     listing = "\n".join(r.id for r in rows).encode()
-    return _Table(rows, {}, hashlib.sha256(listing).hexdigest())
+    return _Table(rows, {}, hashlib.sha256(listing).hexdigest(), outer)
 
 
 # --------------------------------------------------------------------------- decoding and cache
-def _decode_all(rows: list[_Row], pre: Preprocess, progress: Callable[[int, int], None] | None) -> np.ndarray:
+def _decode_all(rows: list[_Row], root: str, pre: Preprocess,
+                progress: Callable[[int, int], None] | None) -> np.ndarray:
     out = np.empty((len(rows), pre.size, pre.size), dtype=np.uint8)
 
     def work(i: int) -> None:
         r = rows[i]
         try:
-            out[i] = preprocess_image(decode_image(r.file), pre)
+            out[i] = preprocess_image(decode_image(r.file, root), pre)
         except AuditkitError as e:
-            raise AuditkitError(f"{r.id}: {e.message}", where=r.where) from None
+            raise AuditkitError(f"{quote(r.id)}: {e.message}", where=r.where) from None
 
     pool = ThreadPoolExecutor(max_workers=max(1, min(len(rows), os.cpu_count() or 1)))
     try:
@@ -560,4 +564,4 @@ def _write_cache(stem: Path, images: np.ndarray, content_sha: str) -> None:
         atomic_write(stem.with_suffix(".npy"), lambda f: np.save(f, images, allow_pickle=False))
         atomic_write(stem.with_suffix(".json"), lambda f: f.write(meta))
     except OSError as e:
-        warnings.warn(f"could not write dataset cache {stem}: {_one_line(e)}", stacklevel=3)
+        warnings.warn(f"could not write dataset cache {stem}: {_one_line(e)}", AuditkitWarning, stacklevel=3)

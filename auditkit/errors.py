@@ -12,3 +12,7 @@ class AuditkitError(Exception):
 
     def __str__(self) -> str:
         return f"{self.where}: {self.message}" if self.where else self.message
+
+
+class AuditkitWarning(UserWarning):
+    """Something the user should know that does not stop the run (e.g. a cache that could not be written)."""

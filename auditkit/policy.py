@@ -30,6 +30,8 @@ from pydantic import (
 from .errors import AuditkitError
 from .models.registry import ZOO_CLASSES, ZOO_NAMES
 from .uap.base import AttackSettings, Crafting, Kind, Norm, SGDSettings, Zeta
+from .messages import quote, shown
+from .yaml_budget import check_expanded_size, read_text
 
 DEFAULT_CLASSES = ZOO_CLASSES
 Metric = Literal["fooling_rate", "flip_rate", "targeted_success_rate", "clean_accuracy", "uap_over_random"]
@@ -49,7 +51,7 @@ def _unique(values: list) -> list:
     seen = set()
     for i, v in enumerate(values):
         if v in seen:
-            raise _At((i,), f"duplicate entry {v!r}")
+            raise _At((i,), f"duplicate entry {shown(v)}")
         seen.add(v)
     return values
 
@@ -62,7 +64,7 @@ def _targets(v: Any) -> Any:
         return [v]
     if isinstance(v, list) and v and all(isinstance(t, str) and t for t in v):
         return _unique(v)
-    raise ValueError(f"must be 'all' or a non-empty list of class names, got {v!r}")
+    raise ValueError(f"must be 'all' or a non-empty list of class names, got {shown(v)}")
 
 
 Name = Annotated[str, StringConstraints(min_length=1)]
@@ -99,10 +101,10 @@ class DataConfig(_Model):
         splits = [self.craft_split, *self.eval_splits]
         for split in self.max_images:
             if split not in splits:
-                raise _At(("max_images", split), f"split {split!r} is neither craft_split nor in eval_splits")
+                raise _At(("max_images", split), f"split {quote(split)} is neither craft_split nor in eval_splits")
         for alias, target in self.aliases.items():
             if alias in self.classes and alias != target:
-                raise _At(("aliases", alias), f"{alias!r} is itself a class; it cannot be an alias of {target!r}")
+                raise _At(("aliases", alias), f"{quote(alias)} is itself a class; it cannot be an alias of {quote(target)}")
         return self
 
 
@@ -287,11 +289,11 @@ class Policy(_Model):
         for i, t in enumerate(self.thresholds):
             if t.split not in self.data.eval_splits:
                 raise _At(("thresholds", i, "split"),
-                          f"split {t.split!r} is not evaluated (data.eval_splits: {', '.join(self.data.eval_splits)})")
+                          f"split {quote(t.split)} is not evaluated (data.eval_splits: {', '.join(self.data.eval_splits)})")
             if t.metric == "uap_over_random" and self.random_controls.draws == 0:
                 raise _At(("thresholds", i, "metric"), "uap_over_random needs random_controls.draws >= 1")
             if t.name in names:
-                raise _At(("thresholds", i, "name"), f"name {t.name!r} is already used by thresholds.{names[t.name]}")
+                raise _At(("thresholds", i, "name"), f"name {quote(t.name)} is already used by thresholds.{names[t.name]}")
             names[t.name] = i
         return self
 
@@ -356,13 +358,7 @@ def load_policy(path: str | Path) -> Policy:
     """Read and validate a policy file; relative data paths are resolved against the file's folder."""
     path = Path(path)
     source = str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise AuditkitError("policy file not found", where=source) from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise AuditkitError(f"cannot read policy file: {err}", where=source) from None
-    policy = parse_policy(_load_yaml(text, source), source)
+    policy = parse_policy(_load_yaml(read_text(path, "policy file"), source), source)
     base = path.resolve().parent
     resolved = {key: str(base / Path(value).expanduser()) for key in ("manifest", "image_root")
                 if (value := getattr(policy.data, key)) is not None}
@@ -376,7 +372,7 @@ def _check_class(name: str, classes: Sequence[str], where: str) -> None:
         by_lower = {c.lower(): c for c in classes}
         close = difflib.get_close_matches(name.lower(), list(by_lower), n=1)
         hint = f" (did you mean {by_lower[close[0]]!r}?)" if close else ""
-        raise AuditkitError(f"unknown class {name!r}{hint}; classes are: {', '.join(classes)}", where=where)
+        raise AuditkitError(f"unknown class {quote(name)}{hint}; classes are: {', '.join(classes)}", where=where)
 
 
 class _Loader(yaml.SafeLoader):
@@ -391,7 +387,7 @@ class _Loader(yaml.SafeLoader):
                     continue  # the base constructor reports it
                 if key in first_line:
                     raise yaml.constructor.ConstructorError(
-                        None, None, f"duplicate key {key!r} (first given on line {first_line[key]})",
+                        None, None, f"duplicate key {quote(key)} (first given on line {first_line[key]})",
                         key_node.start_mark)
                 first_line[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep)
@@ -405,9 +401,13 @@ _Loader.add_implicit_resolver(
 
 
 def _load_yaml(text: str, source: str) -> Any:
-    loader = _Loader(text)
+    try:
+        loader = _Loader(text)  # its reader refuses control characters already here
+    except yaml.YAMLError as err:
+        raise AuditkitError(f"invalid YAML: {str(err).splitlines()[0]}", where=source) from None
     try:
         node = loader.get_single_node()
+        check_expanded_size(node, source)
         data = None if node is None else loader.construct_document(node)
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
@@ -416,6 +416,8 @@ def _load_yaml(text: str, source: str) -> Any:
         raise AuditkitError(f"invalid YAML: {problem}", where=where) from None
     except yaml.YAMLError as err:
         raise AuditkitError(f"invalid YAML: {err}", where=source) from None
+    except RecursionError:
+        raise AuditkitError("YAML nested too deeply", where=source) from None
     finally:
         loader.dispose()
     if node is None:
@@ -444,11 +446,11 @@ def _to_auditkit_error(err: ValidationError, source: str) -> AuditkitError:
         message = "required key is missing"
     elif kind == "too_short":
         at_least = first["ctx"]["min_length"]
-        message = f"must have at least {at_least} entr{'y' if at_least == 1 else 'ies'}, got {_short(first['input'])}"
+        message = f"must have at least {at_least} entr{'y' if at_least == 1 else 'ies'}, got {shown(first['input'])}"
     elif kind in ("model_type", "model_attributes_type", "dict_type"):
-        message = f"must be a mapping of keys, got {_short(first['input'])}"
+        message = f"must be a mapping of keys, got {shown(first['input'])}"
     else:
-        message = f"{first['msg'].replace('Input should be', 'must be', 1)}, got {_short(first['input'])}"
+        message = f"{first['msg'].replace('Input should be', 'must be', 1)}, got {shown(first['input'])}"
     if len(errors) > 1:
         message += f" (+{len(errors) - 1} more)"
     path = ".".join(str(part) for part in loc)
@@ -459,7 +461,7 @@ def _unknown_key(loc: tuple) -> str:
     key = str(loc[-1])
     allowed = sorted(_model_at(loc[:-1]).model_fields)
     close = difflib.get_close_matches(key, allowed, n=1)
-    return f"unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else f"; allowed: {', '.join(allowed)}")
+    return f"unknown key {quote(key)}" + (f" (did you mean {close[0]!r}?)" if close else f"; allowed: {', '.join(allowed)}")
 
 
 def _model_at(loc: tuple) -> type[BaseModel]:
@@ -479,7 +481,3 @@ def _find_model(annotation: Any) -> type[BaseModel] | None:
             return found
     return None
 
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."

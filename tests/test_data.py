@@ -267,7 +267,7 @@ def test_cache_hit_does_not_decode(tmp_path, monkeypatch):
     first = load_dataset(m, CLASSES, aliases={"COVID-19": "covid"}, preprocess=SMALL, cache_dir=cache)
     assert len(list(cache.glob("*.npy"))) == len(list(cache.glob("*.json"))) == 1 and not list(cache.glob("*.tmp"))
 
-    def boom(path):
+    def boom(path, root=None):
         raise AssertionError("decoded on a cache hit")
 
     monkeypatch.setattr(data, "decode_image", boom)
@@ -290,7 +290,7 @@ def test_cache_invalidates_when_an_image_changes(tmp_path, monkeypatch):
     os.utime(img, ns=(old + 10**9, old + 10**9))
     decoded = []
     real = data.decode_image
-    monkeypatch.setattr(data, "decode_image", lambda p: decoded.append(p) or real(p))
+    monkeypatch.setattr(data, "decode_image", lambda p, *root: decoded.append(p) or real(p, *root))
     second = load_dataset(m, CLASSES, **kw)
     assert len(decoded) == 4 and int(np.median(second.images[1])) == 200
     assert second.content_sha256 != first.content_sha256 and second.manifest_sha256 == first.manifest_sha256
@@ -299,7 +299,7 @@ def test_cache_invalidates_when_an_image_changes(tmp_path, monkeypatch):
 
 def _counting_decoder(monkeypatch) -> list:
     decoded, real = [], data.decode_image
-    monkeypatch.setattr(data, "decode_image", lambda p: decoded.append(p) or real(p))
+    monkeypatch.setattr(data, "decode_image", lambda p, *root: decoded.append(p) or real(p, *root))
     return decoded
 
 
@@ -479,7 +479,9 @@ def test_unreadable_or_unknown_manifest_formats(tmp_path):
     assert "UTF-8" in err.message and err.where.endswith("latin.csv:2")
     assert "fields" in _error(load_dataset, _csv(tmp_path, ["a.png,normal"], name="short.csv"), CLASSES).message
     assert "fmt" == _error(load_dataset, tmp_path / "m.jsonl", CLASSES, fmt="xml").where
-    assert "image_root" in _error(load_dataset, tmp_path / "m.jsonl", CLASSES, image_root=tmp_path).message
+    (tmp_path / "ok.jsonl").write_text('{"path": "a.png", "label": "normal", "split": "train"}\n')
+    err = _error(load_dataset, tmp_path / "ok.jsonl", CLASSES, image_root=tmp_path / "nowhere")
+    assert "image root is not a directory" in err.message and err.where == str(tmp_path / "nowhere")
 
 
 def test_duplicate_rows_and_bad_classes(tmp_path):
@@ -503,7 +505,7 @@ def test_real_cxr3_manifest_loads(tmp_path, monkeypatch):
     assert len(ds) == sum(sum(c.values()) for c in counts.values()) > 2900
     assert ds.images.shape == (len(ds), 32, 32) and 40 < ds.images.mean() < 220
     assert all(i.startswith("images/") for i in ds.ids) and {"source", "license"} <= set(ds.extra)
-    monkeypatch.setattr(data, "decode_image", lambda p: (_ for _ in ()).throw(AssertionError("decoded")))
+    monkeypatch.setattr(data, "decode_image", lambda p, *root: (_ for _ in ()).throw(AssertionError("decoded")))
     again = load_dataset(CXR3 / "manifest.csv", classes, preprocess=pre, cache_dir=tmp_path)
     assert again.content_sha256 == ds.content_sha256
     assert isinstance(again.subset("test"), Dataset) and len(again.subset("test")) == sum(counts["test"].values())

@@ -98,8 +98,8 @@ def test_savedmodel_export_matches_keras(tmp_path, images):
 
 @pytest.mark.parametrize("setup,message", [
     (lambda d: d / "missing.keras", "no such model file"),
-    (lambda d: (d / "junk.keras").write_bytes(b"not a zip") and d / "junk.keras", "cannot load Keras model"),
-    (lambda d: (d / "junk.onnx").write_bytes(b"\x00garbage") and d / "junk.onnx", "not a loadable ONNX model"),
+    (lambda d: (d / "junk.keras").write_bytes(b"not a zip") and d / "junk.keras", "not a model file"),
+    (lambda d: (d / "junk.onnx").write_bytes(b"\x00garbage") and d / "junk.onnx", "not a model file: not an ONNX protobuf"),
     (lambda d: (d / "m.h5").write_bytes(b"x") and d / "m.h5", "legacy HDF5"),
     (lambda d: (d / "m.pt").write_bytes(b"x") and d / "m.pt", "unknown model format"),
     (lambda d: (d / "empty").mkdir() or d / "empty", "not a TF SavedModel"),

@@ -43,8 +43,10 @@ def load_model(ref: str | Path, spec_overrides: Mapping[str, Any] | None = None)
         return SavedModelAdapter(path.name, path, spec, where)
     suffix = path.suffix.lower()
     if suffix == ".keras":
+        from .checks import check_keras_file
         from .keras import KerasAdapter, load_keras_file
 
+        check_keras_file(path)
         return KerasAdapter(path.stem, path, load_keras_file(path), spec, where)
     if suffix == ".onnx":
         from .onnx import OnnxAdapter

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import AuditkitError
+from .checks import check_input_rank, check_input_shape
 from .base import TFAdapter, complete_spec, infer_spec
 from .fast_gradients import with_fast_input_gradients
 from .tf_runtime import configure_tensorflow, freeze
@@ -19,8 +20,10 @@ class KerasAdapter(TFAdapter):
 
     def __init__(self, name: str, path: Path | None, model, spec_overrides: dict[str, Any], where: str):
         self.model = model
+        check_input_rank(model.inputs[0].shape, str(path or name))
         graph = infer_spec(model.inputs[0].shape, keras_output_kind(model), model.outputs[0].shape[-1])
         spec = complete_spec(graph.merged(spec_overrides, where), name, graph)
+        check_input_shape(model.inputs[0].shape, spec, str(path or name))
         super().__init__(name, path, spec, lambda x: model(x, training=False), model.count_params())
         self._loop_forward: tuple[bytes, Any] | None = None
         self._loop_lock = threading.Lock()

@@ -9,6 +9,7 @@ import numpy as np
 
 from ..errors import AuditkitError
 from .spec import ModelSpec
+from .checks import check_input_rank, check_input_shape, onnx_session
 from .base import ModelAdapter, complete_spec, detect_output, infer_spec, model_input, probe_images
 
 
@@ -22,21 +23,18 @@ class OnnxAdapter(ModelAdapter):
     format = "onnx"
 
     def __init__(self, name: str, path: Path, spec_overrides: dict[str, Any], where: str):
-        import onnxruntime as ort
-
-        try:
-            self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception zoo
-            raise AuditkitError(f"not a loadable ONNX model ({str(exc).splitlines()[0]})", str(path)) from None
+        self.session = onnx_session(path)
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         if len(inputs) != 1:
             raise AuditkitError(f"the ONNX model must have one input, has {len(inputs)}", str(path))
         self.input_name = inputs[0].name
         shape = [d if isinstance(d, int) else None for d in inputs[0].shape]
+        check_input_rank(shape, str(path))
         self.batch = shape[0] if shape else None  # a fixed batch size, or None (dynamic)
         out_dim = outputs[0].shape[-1] if isinstance(outputs[0].shape[-1], int) else None
         graph = infer_spec(shape, None, out_dim)
         super().__init__(name, path, complete_spec(graph.merged(spec_overrides, where), name, graph))
+        check_input_shape(shape, self.spec, str(path))
         if self.spec.output is None:
             raw = self._run(onnx_input(probe_images(self.spec), self.spec))
             self.spec = dataclasses.replace(self.spec, output=detect_output(raw))

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import AuditkitError
+from .checks import check_input_rank, check_input_shape
 from .base import TFAdapter, complete_spec, detect_output, infer_spec, model_input, probe_images
 from .tf_runtime import configure_tensorflow
 
@@ -34,12 +35,14 @@ class SavedModelAdapter(TFAdapter):
             raise AuditkitError(f"the serving signature must have one output, has {sorted(outputs)}", str(path))
         (output_name, output_spec), = outputs.items()
         self._loaded = loaded  # keeps the signature's variables alive
+        check_input_rank(input_spec.shape, str(path))
         graph = infer_spec(input_spec.shape, None, output_spec.shape[-1])
 
         def forward(x):
             return signature(**{input_name: x})[output_name]
 
         spec = complete_spec(graph.merged(spec_overrides, where), name, graph)
+        check_input_shape(input_spec.shape, spec, str(path))
         if spec.output is None:
             probe = tf.constant(model_input(probe_images(spec), spec, np), tf.float32)
             spec = dataclasses.replace(spec, output=detect_output(forward(probe).numpy()))

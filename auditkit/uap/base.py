@@ -13,6 +13,8 @@ from typing import Annotated, Any, Callable, Literal, Protocol
 import numpy as np
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
+from ..messages import shown
+
 Kind = Literal["nontargeted", "targeted"]
 Algorithm = Literal["paper", "sgd", "blackbox"]
 # (pass or epoch, images done, images in all, crafting rate once the pass is over or None)
@@ -32,7 +34,7 @@ def parse_norm(v: Any) -> str:
             return "2"
         if s in ("inf", "infinity"):
             return "inf"
-    raise ValueError(f"must be 2 or inf (also accepted: L2, Linf), got {v!r}")
+    raise ValueError(f"must be 2 or inf (also accepted: L2, Linf), got {shown(v)}")
 
 
 def _zeta(v: float) -> float:
