@@ -32,16 +32,21 @@ from cxr3_model import (  # noqa: E402
 from test_onnx_grad import per_sample_error  # noqa: E402
 
 from auditkit import metrics  # noqa: E402
-from auditkit.attacks import Nontargeted, UAPAttack, perturb, random_control, xi_for  # noqa: E402
-from auditkit.blackbox import BlackBoxUAPAttack  # noqa: E402
 from auditkit.models import keras_adapter, load_model, onnx_grad  # noqa: E402
-from auditkit.models.adapters import configure_tensorflow  # noqa: E402
+from auditkit.models.tf_runtime import configure_tensorflow  # noqa: E402
+from auditkit.uap.base import AttackSettings, BlackBoxSettings  # noqa: E402
+from auditkit.uap.blackbox import BlackBoxUAP  # noqa: E402
+from auditkit.uap.geometry import perturb, random_control, xi_for  # noqa: E402
+from auditkit.uap.paper import PaperUAP  # noqa: E402
 
 SIZE = RECIPE["size"]
 TORCH_SPEC = {"classes": list(CLASSES), "scale": 2.0, "mean": [0.5], "std": [0.25]}
 SECOND_RECIPE = RECIPE | {"filters": [8, 16, 32, 64], "dense": 64, "seed": 1}  # the transfer study's 2nd CNN
 REPEATS = 9  # timed calls per median, after one warm-up call
 CONTROLS = 5
+ZETA = 0.02
+# the white-box UAP of sections 2 and 3: L-inf, eps 0.002, 5 passes
+WHITE_BOX = AttackSettings(kind="nontargeted", norm="inf", zeta=ZETA, eps=0.002, max_iter=5, clip=True)
 
 
 def median_ms(fn) -> float:
@@ -174,18 +179,18 @@ def controls(shape, xi):
 def blackbox_section(model, train, test, seed) -> None:
     """Black-box vs white-box UAP on `model` (the ONNX export), crafted as tests/test_blackbox.py does."""
     craft = crafting_subset(train, 200).floats()
-    xi, _ = xi_for(craft, "inf", 0.02)
-    black = BlackBoxUAPAttack(norm="inf", xi=xi, epochs=10, low_res=SIZE).craft(
-        model, craft, Nontargeted(), np.random.default_rng(seed))
-    white = UAPAttack("inf", xi, eps=0.002, max_iter=5, clip=True).craft(
-        model, craft, Nontargeted(), np.random.default_rng(seed))
+    xi, _ = xi_for(craft, "inf", ZETA)
+    black_box = WHITE_BOX.model_copy(update={"algorithm": "blackbox", "max_iter": 10,
+                                             "blackbox": BlackBoxSettings(low_res=SIZE)})
+    black = BlackBoxUAP(black_box).craft(model, craft, xi, np.random.default_rng(seed))
+    white = PaperUAP(WHITE_BOX).craft(model, craft, xi, np.random.default_rng(seed))
     print(f"\n## 2. Black-box vs white-box UAP on the cxr3 CNN's ONNX export ({len(craft)} train images, "
           f"xi = {xi:.5f}; test split: {len(test)} images)\n")
     print("| crafting | queries | gradient steps | passes | wall s | test R_f [95% Wilson] |")
     print("|---|---:|---:|---:|---:|---|")
     print(f"| black-box NES (10 epochs, low_res {SIZE}) | {black.queries} | - | {black.passes} | "
           f"{black.seconds:.1f} | {fmt_rate(r_f(model, test, black.rho))} |")
-    print(f"| white-box UAPAttack ({model.gradient_path.name}, eps 0.002, 5 passes) | - | {white.steps} | "
+    print(f"| white-box paper loop ({model.gradient_path.name}, eps 0.002, 5 passes) | - | {white.steps} | "
           f"{white.passes} | {white.seconds:.1f} | {fmt_rate(r_f(model, test, white.rho))} |")
     pooled = metrics.pooled_rate([r_f(model, test, rho) for rho in controls(craft.shape[1:], xi)])
     print(f"| random controls (mean of {CONTROLS}) | - | - | - | - | {fmt_rate(pooled)} |")
@@ -197,12 +202,12 @@ def transfer_section(a, onnx_a, train, test, seed) -> None:
     b = keras_adapter(train_cnn(train, SECOND_RECIPE), "cxr3_cnn_b", {"classes": list(CLASSES)})
     train_seconds = time.perf_counter() - start
     craft = crafting_subset(train, 300).floats()
-    xi, _ = xi_for(craft, "inf", 0.02)
-    attack = UAPAttack("inf", xi, eps=0.002, max_iter=5, clip=True)
-    uaps = {name: attack.craft(model, craft, Nontargeted(), np.random.default_rng(seed)).rho
+    xi, _ = xi_for(craft, "inf", ZETA)
+    attack = PaperUAP(WHITE_BOX)
+    uaps = {name: attack.craft(model, craft, xi, np.random.default_rng(seed)).rho
             for name, model in (("A", a), ("B", b))}
     targets = {"A (Keras)": a, "B (Keras)": b, "A (ONNX)": onnx_a}
-    print(f"\n## 3. Transfer: nontargeted UAPs (UAPAttack, eps 0.002, 5 passes, {len(craft)} train images, "
+    print(f"\n## 3. Transfer: nontargeted UAPs (paper loop, eps 0.002, 5 passes, {len(craft)} train images, "
           f"xi = {xi:.5f}), test R_f [95% Wilson]\n")
     print(f"A: the cxr3 CNN, filters {RECIPE['filters']}, dense {RECIPE['dense']}, seed {RECIPE['seed']}. "
           f"B: filters {SECOND_RECIPE['filters']}, dense {SECOND_RECIPE['dense']}, seed {SECOND_RECIPE['seed']}, "
@@ -229,7 +234,7 @@ def main(argv=None) -> None:
     import onnxruntime
     import torch
 
-    print(f"# ONNX benchmark: cxr3 at {SIZE}x{SIZE}, L-inf zeta=0.02, clip, seed {args.seed}\n")
+    print(f"# ONNX benchmark: cxr3 at {SIZE}x{SIZE}, L-inf zeta={ZETA}, clip, seed {args.seed}\n")
     print(machine_line())
     print(f"python {platform.python_version()}, tensorflow {tf.__version__}, onnxruntime {onnxruntime.__version__}, "
           f"torch {torch.__version__}")

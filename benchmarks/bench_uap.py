@@ -34,11 +34,17 @@ from cxr3_model import (  # noqa: E402
     art_uap, cached_cnn, cnn_adapter, crafting_subset, cxr3_missing_reason, load_cxr3)
 
 from auditkit import metrics  # noqa: E402
-from auditkit.attacks import Nontargeted, SGDUAPAttack, UAPAttack, _compiled, _fooled, perturb, xi_for  # noqa: E402
 from auditkit.data import Preprocess  # noqa: E402
 from auditkit.errors import AuditkitError  # noqa: E402
 from auditkit.models import load_model  # noqa: E402
-from auditkit.models.adapters import GraphFunction, configure_tensorflow, cross_entropy_gradient  # noqa: E402
+from auditkit.models.base import cross_entropy_gradient  # noqa: E402
+from auditkit.models.tf_runtime import GraphFunction, configure_tensorflow  # noqa: E402
+from auditkit.uap.backends import fooled, loop_ops  # noqa: E402
+from auditkit.uap.base import AttackSettings, SGDSettings  # noqa: E402
+from auditkit.uap.criteria import Nontargeted  # noqa: E402
+from auditkit.uap.geometry import perturb, xi_for  # noqa: E402
+from auditkit.uap.paper import PaperUAP  # noqa: E402
+from auditkit.uap.sgd import SGDUAP  # noqa: E402
 
 ZOO_MODEL = "covidnet_small"
 WARMUP_IMAGES = 8  # one pass over a few images first, so graph tracing is not billed to any contender
@@ -158,20 +164,23 @@ def main(argv=None) -> None:
             if pass_ends is not None and rate is not None:
                 pass_ends.append(time.perf_counter() - start)
 
-        attack = UAPAttack("inf", xi, eps=args.eps, max_iter=passes, clip=True, speculative=speculative,
-                           stop_at_fixed_point=not every_pass, progress=mark)
+        settings = AttackSettings(kind="nontargeted", norm="inf", zeta=args.zeta, eps=args.eps, max_iter=passes,
+                                  clip=True)
+        attack = PaperUAP(settings, mark, speculative=speculative, stop_at_fixed_point=not every_pass)
         start = time.perf_counter()  # clean predictions included unless given, as ART's generate() makes its own
-        result = attack.craft(adapter, images, Nontargeted(), np.random.default_rng(args.seed), clean_pred)
+        result = attack.craft(adapter, images, xi, np.random.default_rng(args.seed), clean_pred)
         return result, time.perf_counter() - start
 
     def sgd(images=craft, epochs=args.sgd_epochs, clean_pred=None):
-        attack = SGDUAPAttack("inf", xi, epochs=epochs, batch_size=args.sgd_batch, step_size=args.sgd_step, clip=True)
+        settings = AttackSettings(kind="nontargeted", norm="inf", zeta=args.zeta, algorithm="sgd", max_iter=epochs,
+                                  clip=True, sgd=SGDSettings(batch_size=args.sgd_batch, step_size=args.sgd_step))
+        attack = SGDUAP(settings)
         start = time.perf_counter()
-        result = attack.craft(adapter, images, Nontargeted(), np.random.default_rng(args.seed), clean_pred)
+        result = attack.craft(adapter, images, xi, np.random.default_rng(args.seed), clean_pred)
         return result, time.perf_counter() - start
 
     # every compiled loop op traced before any timing (a short warm-up run need not reach them all)
-    loop = _compiled(adapter, "inf", True, False)
+    loop = loop_ops(adapter, "inf", True, Nontargeted())
     w, rho0, f32 = loop.hold(craft[:4], np.zeros(4, np.int32)), np.zeros(craft.shape[1:], np.float32), np.float32
     some = np.arange(1, 4, dtype=np.int32)
     loop.walk(*w, some, np.zeros(len(some), bool), rho0, f32(xi), f32(args.eps))
@@ -240,7 +249,7 @@ def main(argv=None) -> None:
         [tf.TensorSpec([None, *craft.shape[1:]], tf.float32), tf.TensorSpec([None], tf.int32),
          tf.TensorSpec([None], tf.int32)])
     everyone = np.arange(n, dtype=np.int32)
-    t_forward = statistics.median(timed(lambda: _fooled(loop, *held, everyone, rho0)) for _ in range(3))
+    t_forward = statistics.median(timed(lambda: fooled(loop, *held, everyone, rho0)) for _ in range(3))
     t_grad = statistics.median(timed(lambda i=i: gradient(*held, everyone[i : i + 1]).numpy())
                                for i in range(min(n, 30)))
     batch = everyone[: min(n, 64)]

@@ -63,6 +63,15 @@ def tiny_model(tmp_path_factory, phantom_manifest) -> Path:
     return d / "tiny.keras"
 
 
+def attack_settings(norm: str, target: str | None = None, *, zeta: float = 0.02, **crafting):
+    """One cell's AttackSettings for engine tests: nontargeted, or targeted at the class named `target`. Crafting
+    takes xi explicitly, so zeta only has to be valid (tests pass the one their xi comes from)."""
+    from auditkit.uap.base import AttackSettings
+
+    return AttackSettings(kind="nontargeted" if target is None else "targeted", target=target, norm=norm, zeta=zeta,
+                          **crafting)
+
+
 def write_policy(path: Path, *, thresholds: str = "", extra_data: str = "", classes=CLASSES) -> Path:
     """A quick policy for a tiny model: small subsets, 2 passes, 2 random draws."""
     cls = ", ".join(f'"{c}"' for c in classes)

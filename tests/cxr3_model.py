@@ -16,7 +16,7 @@ import numpy as np
 
 from auditkit.data import Dataset, Preprocess, default_cache_dir, load_dataset
 from auditkit.models import keras_adapter
-from auditkit.models.adapters import configure_tensorflow, op_determinism
+from auditkit.models.tf_runtime import configure_tensorflow, op_determinism
 
 CXR3 = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr3"
 CLASSES = ("normal", "pneumonia", "COVID-19")
@@ -131,7 +131,7 @@ def crafting_subset(train: Dataset, n: int, seed: int = 0) -> Dataset:
 def art_uap(keras_model, images: np.ndarray, *, xi: float, eps: float, max_iter: int, clip: bool,
             target: int | None = None, seed: int = 0) -> tuple[np.ndarray, float]:
     """(rho (H, W), seconds): ART 1.20.1's UniversalPerturbation, or TargetedUniversalPerturbation when `target`
-    is given, with the FGSM inner step, set up to match auditkit's UAPAttack(norm="inf", xi, eps, max_iter, clip).
+    is given, with the FGSM inner step, set up to match auditkit's PaperUAP (L-inf, eps, max_iter, clip) at xi.
 
     Matched: ART's `eps` is our xi (projection radius) and its FGSM `eps` our step; delta=1e-6 so that, like
     ours, it runs every pass unless the crafting set is fully flipped (ART's default delta=0.2 stops at 80%);

@@ -1,14 +1,17 @@
-"""The UAP engine against an exact numpy oracle of METHOD.md's loop, and projection / control properties."""
-import dataclasses
-
+"""The UAP engine against an exact numpy oracle of docs/method.md's loop, and projection / control properties."""
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from auditkit.attacks import Nontargeted, Targeted, UAPAttack, image_norms, project, random_control, xi_for
+from auditkit.uap.criteria import criterion_for
+from auditkit.uap.geometry import image_norms, project, random_control, xi_for
+from auditkit.uap.paper import PaperUAP
+
+from conftest import attack_settings
 
 SIZE, K = 8, 3
+REG_CLASSES = ["a", "b", "c"]
 
 
 def softmax(z):
@@ -47,7 +50,7 @@ class SoftmaxRegression:
 
 
 def oracle_uap(model, X, norm, xi, eps, max_iter, delta, clip, target, rng):
-    """METHOD.md's loop, literally, one image at a time."""
+    """docs/method.md's loop, literally, one image at a time."""
     clipf = (lambda v: np.clip(v, 0, 1)) if clip else (lambda v: v)
     y0 = model.predict(X)
     rho = np.zeros(X.shape[1:])
@@ -80,9 +83,14 @@ def reg():
 
     oracle = SoftmaxRegression(1)
     adapter = keras_adapter(oracle.keras(), "softmax-regression",
-                            {"classes": ["a", "b", "c"], "channels": 1, "output": "softmax"})
+                            {"classes": REG_CLASSES, "channels": 1, "output": "softmax"})
     X = np.random.default_rng(2).random((40, SIZE, SIZE)).astype(np.float32)
     return oracle, adapter, X
+
+
+def reg_settings(norm, target, **crafting):
+    """Settings for the regression model, `target` given as a class index (the oracle's) or None."""
+    return attack_settings(norm, None if target is None else REG_CLASSES[target], **crafting)
 
 
 @pytest.mark.parametrize("norm,zeta,eps", [("inf", 0.08, 0.01), ("2", 0.08, 0.05)])
@@ -93,10 +101,10 @@ def test_engine_matches_numpy_oracle(reg, norm, zeta, eps, target, clip):
     xi, _ = xi_for(X, norm, zeta)
     expected = oracle_uap(oracle, X.astype(np.float64), norm, xi, eps, 4, 1e-6, clip, target,
                           np.random.default_rng(7))
-    criterion = Nontargeted() if target is None else Targeted(target)
+    cell = reg_settings(norm, target, zeta=zeta, eps=eps, max_iter=4, clip=clip)
     for speculative in (False, True):
-        attack = UAPAttack(norm=norm, xi=xi, eps=eps, max_iter=4, clip=clip, speculative=speculative)
-        result = attack.craft(adapter, X, criterion, np.random.default_rng(7))
+        attack = PaperUAP(cell, speculative=speculative)
+        result = attack.craft(adapter, X, xi, np.random.default_rng(7))
         assert np.abs(result.rho).max() > 0, "the attack moved nothing: the comparison would be vacuous"
         np.testing.assert_allclose(result.rho, expected, atol=1e-5)
 
@@ -110,15 +118,14 @@ def test_a_pass_that_accepts_no_step_ends_the_loop_with_the_oracles_uap(reg, nor
     max_iter = 40
     expected = oracle_uap(oracle, X.astype(np.float64), norm, xi, eps, max_iter, 1e-6, True, target,
                           np.random.default_rng(5))
-    criterion = Nontargeted() if target is None else Targeted(target)
+    cell = reg_settings(norm, target, zeta=0.08, eps=eps, max_iter=max_iter)
     for speculative in (False, True):
-        result = UAPAttack(norm=norm, xi=xi, eps=eps, max_iter=max_iter, speculative=speculative).craft(
-            adapter, X, criterion, np.random.default_rng(5))
+        result = PaperUAP(cell, speculative=speculative).craft(adapter, X, xi, np.random.default_rng(5))
         assert 1 < result.passes < max_iter and result.rates[-1] < 1.0, "the loop did not stop at a fixed point"
         assert result.rates[-1] == result.rates[-2], "the last pass moved rho, so the loop should have gone on"
         np.testing.assert_allclose(result.rho, expected, atol=1e-5)
-        every = UAPAttack(norm=norm, xi=xi, eps=eps, max_iter=max_iter, speculative=speculative,
-                          stop_at_fixed_point=False).craft(adapter, X, criterion, np.random.default_rng(5))
+        every = PaperUAP(cell, speculative=speculative, stop_at_fixed_point=False).craft(
+            adapter, X, xi, np.random.default_rng(5))
         assert every.passes == max_iter and every.visited == max_iter * len(X)
         assert np.array_equal(every.rho, result.rho) and every.steps > result.steps
         assert every.rates == result.rates + [result.rates[-1]] * (max_iter - result.passes)
@@ -129,11 +136,9 @@ def test_a_pass_that_accepts_no_step_ends_the_loop_with_the_oracles_uap(reg, nor
 def test_speculative_equals_plain_bit_for_bit(reg, norm, target):
     _, adapter, X = reg
     xi, _ = xi_for(X, norm, 0.1)
-    criterion = Nontargeted() if target is None else Targeted(target)
-    plain = UAPAttack(norm=norm, xi=xi, eps=0.02, max_iter=5, speculative=False).craft(
-        adapter, X, criterion, np.random.default_rng(3))
-    fast = UAPAttack(norm=norm, xi=xi, eps=0.02, max_iter=5, speculative=True).craft(
-        adapter, X, criterion, np.random.default_rng(3))
+    cell = reg_settings(norm, target, zeta=0.1, eps=0.02, max_iter=5)
+    plain = PaperUAP(cell, speculative=False).craft(adapter, X, xi, np.random.default_rng(3))
+    fast = PaperUAP(cell, speculative=True).craft(adapter, X, xi, np.random.default_rng(3))
     assert np.array_equal(plain.rho, fast.rho)
     assert plain.rates == fast.rates and plain.steps == fast.steps
 
@@ -150,9 +155,9 @@ def test_speculative_equals_plain_on_a_cnn(tiny_model, phantom_manifest, norm, e
     X = load_dataset(phantom_manifest, adapter.classes, preprocess=Preprocess(size=adapter.spec.input_size),
                      cache_dir=False).subset("train").floats()
     xi, _ = xi_for(X, norm, 0.1)
-    criterion = Nontargeted() if target is None else Targeted(target)
-    plain, fast = (UAPAttack(norm=norm, xi=xi, eps=eps, max_iter=3, speculative=s, batch_size=16).craft(
-        adapter, X, criterion, np.random.default_rng(4)) for s in (False, True))
+    cell = attack_settings(norm, None if target is None else adapter.classes[target], zeta=0.1, eps=eps, max_iter=3)
+    plain, fast = (PaperUAP(cell, speculative=s, probe_batch=16).craft(adapter, X, xi, np.random.default_rng(4))
+                   for s in (False, True))
     assert np.array_equal(plain.rho, fast.rho)
     assert plain.rates == fast.rates and plain.steps == fast.steps
     assert plain.steps > 0
@@ -194,17 +199,33 @@ def test_xi_is_zeta_times_mean_image_norm():
     assert mean2 == pytest.approx((0.5 + 1.0) / 2) and xi2 == pytest.approx(0.375)
 
 
+def test_make_attack_builds_the_named_algorithm_and_each_refuses_a_negative_budget(reg):
+    from auditkit.uap import make_attack
+    from auditkit.uap.blackbox import BlackBoxUAP
+    from auditkit.uap.sgd import SGDUAP
+
+    _, adapter, X = reg
+    for algorithm, kind in (("paper", PaperUAP), ("sgd", SGDUAP), ("blackbox", BlackBoxUAP)):
+        attack = make_attack(reg_settings("inf", None, algorithm=algorithm))
+        assert type(attack) is kind and attack.settings.algorithm == algorithm
+        with pytest.raises(ValueError, match="xi must be >= 0"):
+            attack.craft(adapter, X, -0.1, np.random.default_rng(0))
+
+
 @pytest.mark.parametrize("norm", ["inf", "2"])
 @pytest.mark.parametrize("target", [None, 1])
 def test_sgd_mode_stays_in_the_ball_is_seeded_and_beats_random(reg, norm, target):
-    from auditkit.attacks import SGDUAPAttack, perturb
+    from auditkit.uap.base import SGDSettings
+    from auditkit.uap.geometry import perturb
+    from auditkit.uap.sgd import SGDUAP
 
     _, adapter, X = reg
     xi, _ = xi_for(X, norm, 0.1)
-    criterion = Nontargeted() if target is None else Targeted(target)
-    attack = SGDUAPAttack(norm=norm, xi=xi, epochs=4, batch_size=8, step_size=0.2)
-    a = attack.craft(adapter, X, criterion, np.random.default_rng(4))
-    b = attack.craft(adapter, X, criterion, np.random.default_rng(4))
+    cell = reg_settings(norm, target, zeta=0.1, algorithm="sgd", max_iter=4,
+                        sgd=SGDSettings(batch_size=8, step_size=0.2))
+    criterion = criterion_for(cell, adapter.classes)
+    a = SGDUAP(cell).craft(adapter, X, xi, np.random.default_rng(4))
+    b = SGDUAP(cell).craft(adapter, X, xi, np.random.default_rng(4))
     assert np.array_equal(a.rho, b.rho) and a.steps == 4 * 5
     assert image_norms(a.rho[None], norm)[0] <= xi * (1 + 1e-5)
     clean = adapter.predict(X)
@@ -218,9 +239,9 @@ def test_sgd_mode_stays_in_the_ball_is_seeded_and_beats_random(reg, norm, target
     assert success(a.rho) > max(controls)
 
     # running rates: each epoch's is measured before its steps; one step per epoch makes that the previous rho
-    whole = dataclasses.replace(attack, epochs=2, batch_size=len(X))
-    two, one = whole.craft(adapter, X, criterion, np.random.default_rng(4)), dataclasses.replace(
-        whole, epochs=1).craft(adapter, X, criterion, np.random.default_rng(4))
+    whole = cell.model_copy(update={"max_iter": 2, "sgd": cell.sgd.model_copy(update={"batch_size": len(X)})})
+    two = SGDUAP(whole).craft(adapter, X, xi, np.random.default_rng(4))
+    one = SGDUAP(whole.model_copy(update={"max_iter": 1})).craft(adapter, X, xi, np.random.default_rng(4))
     assert two.rates == pytest.approx([success(np.zeros_like(a.rho)), success(one.rho)])
 
 
@@ -228,33 +249,34 @@ def test_sgd_mode_stays_in_the_ball_is_seeded_and_beats_random(reg, norm, target
 def test_a_walk_through_several_images_equals_one_call_per_image(tiny_model, phantom_manifest, norm):
     """The speculative loop walks through several images in one graph call, passing over those it knows are fooled,
     the plain loop visits one image a call: rho and every verdict must be the same, bit for bit."""
-    from auditkit.attacks import _compiled
     from auditkit.data import Preprocess, load_dataset
     from auditkit.models import load_model
+    from auditkit.uap.backends import loop_ops
+    from auditkit.uap.criteria import Nontargeted
 
     adapter = load_model(str(tiny_model))
     X = load_dataset(phantom_manifest, adapter.classes, preprocess=Preprocess(size=adapter.spec.input_size),
                      cache_dir=False).subset("train").floats()
     y = adapter.predict(X).astype(np.int32)
-    loop = _compiled(adapter, norm, True, False)
+    loop = loop_ops(adapter, norm, True, Nontargeted())
     held = loop.hold(X, y)
     xi, _ = xi_for(X, norm, 0.1)
     xi, eps = np.float32(xi), np.float32(0.05 if norm == "inf" else 1.0)
     rng = np.random.default_rng(0)
-    uap = UAPAttack(norm, float(xi), eps=float(eps), max_iter=3).craft(adapter, X, Nontargeted(), rng).rho
+    uap = PaperUAP(attack_settings(norm, zeta=0.1, eps=float(eps), max_iter=3)).craft(adapter, X, float(xi), rng).rho
     everyone = np.arange(len(X), dtype=np.int32)
     accepted = skipped = revisited = 0
     for _ in range(40):  # rho between zero and a UAP: some images fooled, some not
         noise = project(rng.uniform(-1, 1, X.shape[1:]).astype(np.float32), norm, 0.2 * float(xi))
         rho = project((0.4 + 0.6 * rng.random()) * uap + noise, norm, float(xi))
-        fooled = loop.fooled_batch(*held, everyone, rho).numpy()
+        fooled = np.asarray(loop.fooled_batch(*held, everyone, rho))
         if fooled.all() or not fooled.any():
             continue
         # first an unfooled image whose step is accepted, then images fooled before that step but not after it:
         # known fooled when the walk starts, they must be visited again once rho moved
         def unfooled_by(first):
             moved = loop.walk(*held, np.int32([first]), np.zeros(1, bool), rho, xi, eps)[0]
-            return np.flatnonzero(fooled & ~loop.fooled_batch(*held, everyone, moved).numpy())
+            return np.flatnonzero(fooled & ~np.asarray(loop.fooled_batch(*held, everyone, moved)))
 
         first = max(rng.permutation(np.flatnonzero(~fooled))[:5], key=lambda j: len(unfooled_by(j)))
         unfooled_by_it = unfooled_by(first)
@@ -262,12 +284,12 @@ def test_a_walk_through_several_images_equals_one_call_per_image(tiny_model, pha
                                rng.choice(unfooled_by_it, min(3, len(unfooled_by_it)), replace=False),
                                rng.integers(len(X), size=int(rng.integers(0, 4)))]).astype(np.int32)
         skip = fooled[walk] & (rng.random(len(walk)) < 0.8)  # known fooled, said or not
-        walked = [t.numpy() for t in loop.walk(*held, walk, skip, rho, xi, eps)]
+        walked = [np.asarray(t) for t in loop.walk(*held, walk, skip, rho, xi, eps)]
         verdicts = []
         for j in walk:
             rho, was_fooled, step_accepted = loop.walk(*held, j[None], np.zeros(1, bool), rho, xi, eps)
             verdicts.append((bool(was_fooled[0]), bool(step_accepted[0])))
-        np.testing.assert_array_equal(walked[0], rho.numpy())
+        np.testing.assert_array_equal(walked[0], np.asarray(rho))
         assert list(zip(walked[1].tolist(), walked[2].tolist())) == verdicts
         first_move = int(np.argmax(walked[2])) if walked[2].any() else len(walk)
         accepted += int(walked[2].sum())
@@ -279,9 +301,10 @@ def test_a_walk_through_several_images_equals_one_call_per_image(tiny_model, pha
 def test_the_loop_follows_weights_changed_in_place(tiny_model, phantom_manifest):
     """The loop runs a Keras model with its weights frozen as constants: weights changed in place (as hardening
     trains them) must reach it."""
-    from auditkit.attacks import _compiled, _fooled
     from auditkit.data import Preprocess, load_dataset
     from auditkit.models import load_model
+    from auditkit.uap.backends import fooled, loop_ops
+    from auditkit.uap.criteria import Nontargeted
 
     adapter = load_model(str(tiny_model))
     X = load_dataset(phantom_manifest, adapter.classes, preprocess=Preprocess(size=adapter.spec.input_size),
@@ -289,17 +312,17 @@ def test_the_loop_follows_weights_changed_in_place(tiny_model, phantom_manifest)
     labels = adapter.predict(X).astype(np.int32)
     zero = np.zeros(X.shape[1:], np.float32)
     everyone = np.arange(len(X), dtype=np.int32)
-    before = _compiled(adapter, "inf", True, False)
-    assert not _fooled(before, *before.hold(X, labels), everyone, zero).any()
+    before = loop_ops(adapter, "inf", True, Nontargeted())
+    assert not fooled(before, *before.hold(X, labels), everyone, zero).any()
 
     last = adapter.model.layers[-1]
     kernel, bias = last.get_weights()
     target = int(np.argmin(np.bincount(labels, minlength=len(bias))))  # a class few images are predicted as
     bias[target] += 100.0
     last.set_weights([kernel, bias])
-    after = _compiled(adapter, "inf", True, False)
+    after = loop_ops(adapter, "inf", True, Nontargeted())
     assert after is not before
-    flipped = _fooled(after, *after.hold(X, labels), everyone, zero)
+    flipped = fooled(after, *after.hold(X, labels), everyone, zero)
     np.testing.assert_array_equal(flipped, adapter.predict(X) != labels)
     assert flipped.mean() > 0.5
 
@@ -309,27 +332,28 @@ def test_concurrent_crafts_on_one_set_share_one_held_copy(tiny_model, phantom_ma
     for the crafts that overlap, and dropped when the last one ends."""
     import threading
 
-    from auditkit import attacks
     from auditkit.data import Preprocess, load_dataset
     from auditkit.models import load_model
+    from auditkit.uap import backends
+    from auditkit.uap.backends.tf import TFLoop
 
     adapter = load_model(str(tiny_model))
     X = load_dataset(phantom_manifest, adapter.classes, preprocess=Preprocess(size=adapter.spec.input_size),
                      cache_dir=False).subset("train").floats()
     xi, _ = xi_for(X, "inf", 0.1)
     copies = []
-    hold = attacks._CompiledLoop.hold
+    hold = TFLoop.hold
 
     def counted_hold(self, *arrays):
         copies.extend(a for a in arrays if np.ndim(a) == 3)  # image sets, not labels or scalars
         return hold(self, *arrays)
 
-    monkeypatch.setattr(attacks._CompiledLoop, "hold", counted_hold)
+    monkeypatch.setattr(TFLoop, "hold", counted_hold)
     results = {}
 
     def craft(name, progress=None):
-        attack = UAPAttack("inf", xi, eps=0.05, max_iter=2, progress=progress)
-        results[name] = attack.craft(adapter, X, Nontargeted(), np.random.default_rng(0)).rho
+        attack = PaperUAP(attack_settings("inf", zeta=0.1, eps=0.05, max_iter=2), progress)
+        results[name] = attack.craft(adapter, X, xi, np.random.default_rng(0)).rho
 
     def start_the_other(pass_no, done, n, rate):  # the second craft runs entirely inside the first one
         if "inner" not in results and rate is None:
@@ -338,7 +362,7 @@ def test_concurrent_crafts_on_one_set_share_one_held_copy(tiny_model, phantom_ma
             inner.join()
 
     craft("outer", start_the_other)
-    assert len(copies) == 1 and not attacks._SHARED
+    assert len(copies) == 1 and not backends._HELD._held
     np.testing.assert_array_equal(results["inner"], results["outer"])
     craft("later")
-    assert len(copies) == 2 and not attacks._SHARED
+    assert len(copies) == 2 and not backends._HELD._held

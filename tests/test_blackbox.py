@@ -1,10 +1,15 @@
 """Black-box (query-only) UAP crafting: stays in the budget, is seeded, counts its queries, beats random controls."""
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
-from auditkit.attacks import CraftResult, Nontargeted, Targeted, image_norms, perturb, random_control, xi_for
-from auditkit.blackbox import BlackBoxCraftResult, BlackBoxUAPAttack, upsampling_matrix
 from auditkit.models import load_model
+from auditkit.uap.base import BlackBoxSettings, CraftResult
+from auditkit.uap.blackbox import BlackBoxUAP, upsampling_matrix
+from auditkit.uap.criteria import criterion_for
+from auditkit.uap.geometry import image_norms, perturb, random_control, xi_for
+
+from conftest import attack_settings
 
 CONTROL_DRAWS = 5
 
@@ -31,12 +36,15 @@ def tiny(tiny_model, phantom_manifest):
 def test_black_box_uap_stays_in_the_ball_is_seeded_counts_queries_and_beats_random(tiny, norm, estimator, target):
     model, images = tiny
     xi, _ = xi_for(images, norm, 0.2)
-    criterion = Nontargeted() if target is None else Targeted(target)
-    attack = BlackBoxUAPAttack(norm=norm, xi=xi, epochs=4, batch_size=20, samples=10, low_res=8, estimator=estimator)
+    cell = attack_settings(norm, None if target is None else model.classes[target], zeta=0.2, algorithm="blackbox",
+                           max_iter=4, blackbox=BlackBoxSettings(batch_size=20, samples=10, low_res=8,
+                                                                 estimator=estimator))
+    criterion = criterion_for(cell, model.classes)
+    attack = BlackBoxUAP(cell)
     clean = model.predict(images)
-    a = attack.craft(model, images, criterion, np.random.default_rng(4), clean_pred=clean)
-    b = attack.craft(model, images, criterion, np.random.default_rng(4), clean_pred=clean)
-    assert isinstance(a, BlackBoxCraftResult) and isinstance(a, CraftResult)
+    a = attack.craft(model, images, xi, np.random.default_rng(4), clean_pred=clean)
+    b = attack.craft(model, images, xi, np.random.default_rng(4), clean_pred=clean)
+    assert isinstance(a, CraftResult) and a.queries is not None
     assert np.array_equal(a.rho, b.rho) and a.rates == b.rates
     assert a.rho.shape == images.shape[1:] and a.rho.dtype == np.float32
     assert image_norms(a.rho[None], norm)[0] <= xi * (1 + 1e-5)
@@ -56,12 +64,12 @@ def test_black_box_uap_stays_in_the_ball_is_seeded_counts_queries_and_beats_rand
 
 
 def test_bad_settings_are_rejected():
-    with pytest.raises(ValueError, match="estimator"):
-        BlackBoxUAPAttack(norm="inf", xi=0.1, estimator="adam")
-    with pytest.raises(ValueError, match="invalid black-box"):
-        BlackBoxUAPAttack(norm="inf", xi=0.1, samples=0)
-    with pytest.raises(ValueError, match="norm"):
-        BlackBoxUAPAttack(norm="1", xi=0.1)
+    with pytest.raises(ValidationError, match="blackbox.estimator"):
+        attack_settings("inf", algorithm="blackbox", blackbox={"estimator": "adam"})
+    with pytest.raises(ValidationError, match="blackbox.samples"):
+        attack_settings("inf", algorithm="blackbox", blackbox={"samples": 0})
+    with pytest.raises(ValidationError, match="norm"):
+        attack_settings("1", algorithm="blackbox")
 
 
 @pytest.fixture(scope="session")
@@ -95,8 +103,8 @@ def test_black_box_beats_random_controls_on_cxr3(cxr3_cnn):
     craft = cxr3_model.crafting_subset(data.subset("train"), 200).floats()
     test = data.subset("test")
     xi, _ = xi_for(craft, "inf", 0.02)
-    result = BlackBoxUAPAttack(norm="inf", xi=xi, epochs=10, low_res=64).craft(
-        model, craft, Nontargeted(), np.random.default_rng(1))
+    cell = attack_settings("inf", zeta=0.02, algorithm="blackbox", max_iter=10, blackbox=BlackBoxSettings(low_res=64))
+    result = BlackBoxUAP(cell).craft(model, craft, xi, np.random.default_rng(1))
     clean = model.predict(test.floats())
 
     def rates(rho):

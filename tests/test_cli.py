@@ -50,14 +50,14 @@ def test_run_writes_every_output_and_exits_0_on_pass(passing_run):
     for name in ("results.json", "report.html", "report.pdf", "junit.xml"):
         assert (out / name).stat().st_size > 0, name
     results = json.loads((out / "results.json").read_text())
-    assert results["verdict"] == "PASS" and results["schema_version"] == "1.0"
+    assert results["verdict"] == "PASS" and results["schema_version"] == "2.0"
     keys = [c["key"] for c in results["cells"]]
     assert keys == ["nontargeted_inf_z0.2", "targeted-COVID-19_inf_z0.2", "nontargeted_2_z0.2",
                     "targeted-COVID-19_2_z0.2"]
     for cell in results["cells"]:
         rho = np.load(out / cell["uap_file"], allow_pickle=False)
         assert rho.dtype == np.float32 and rho.shape == (32, 32)
-        norm = np.abs(rho).max() if cell["norm"] == "inf" else np.linalg.norm(rho)
+        norm = np.abs(rho).max() if cell["attack"]["norm"] == "inf" else np.linalg.norm(rho)
         assert 0 < norm <= cell["xi"] * (1 + 1e-5), cell["key"]
         assert cell["evals"]["test"]["n"] == 30 and cell["controls"]["test"]["draws"] == 2
     prov = results["provenance"]
@@ -73,7 +73,7 @@ def test_html_tables_hold_the_numbers_of_results_json(passing_run):
     for cell in results["cells"]:
         for split in ("train", "test"):
             ev = cell["evals"][split]
-            rate = ev["targeted_success_rate"] if cell["kind"] == "targeted" else ev["fooling_rate"]
+            rate = ev["targeted_success_rate"] if cell["attack"]["kind"] == "targeted" else ev["fooling_rate"]
             assert f"{100 * rate['value']:.1f}%" in html, (cell["key"], split)
     clean = results["clean"]["test"]["accuracy"]["value"]
     assert f"{100 * clean:.1f}%" in html
@@ -274,6 +274,27 @@ def test_run_with_hardening_reports_before_and_after(tmp_path, tiny_model, phant
     assert len(suites) == 2 and suites[1].get("name").endswith("(hardened model)")
 
 
+def test_harden_command_publishes_the_hardened_model_and_its_record(tmp_path, tiny_model, phantom_manifest):
+    policy = write_policy(tmp_path / "p.yaml")
+    policy.write_text(policy.read_text() + """hardening:
+  rounds: 1
+  uaps_per_round: 1
+  epochs: 1
+  attack: {kind: targeted, target: COVID-19, norm: inf, zeta: 0.2}
+""")
+    code, output = run_cli("harden", "--model", tiny_model, "--policy", policy, "--data", phantom_manifest,
+                           "--out", tmp_path / "out")
+    assert code == 0, output
+    out = tmp_path / "out"
+    record = json.loads((out / "hardening.json").read_text())
+    assert [r["round"] for r in record["rounds"]] == [0, 1] and record["metric"] == "targeted_success_rate"
+    assert record["parity"]["passed"]
+    assert (out / record["keras_file"]).is_file() and (out / record["onnx_file"]).is_file()
+    assert (out / "hardening" / "state.json").is_file()  # the round checkpoints, kept for a resumed run
+    assert f"wrote{out / 'hardened.keras'}" in "".join(output.split())  # however the console wraps the line
+    assert not list(tmp_path.glob(".out.partial-*")), "the staging folder was left behind"
+
+
 def test_deploy_parity_surrogate_and_transfer_matrix(tmp_path, tiny_model, phantom_manifest):
     onnx_twin(tiny_model, tmp_path)
     policy = write_policy(tmp_path / "p.yaml")
@@ -286,7 +307,7 @@ def test_deploy_parity_surrogate_and_transfer_matrix(tmp_path, tiny_model, phant
     assert dp["passed"] and dp["max_abs_prob_diff"] <= 1e-4 and dp["argmax_agreement"] == 1.0
     for cell in results["cells"]:
         ev = cell["transfer"]["tiny"]["test"]
-        own = cell["evals"]["test"]["targeted_success_rate" if cell["kind"] == "targeted" else "fooling_rate"]
+        own = cell["evals"]["test"]["targeted_success_rate" if cell["attack"]["kind"] == "targeted" else "fooling_rate"]
         assert ev["headline"]["value"] == own["value"] and ev["argmax_agreement"] == 1.0
     html = (tmp_path / "out" / "report.html").read_text()
     assert "Deployment parity" in html and "transferability" in html
@@ -308,10 +329,10 @@ def test_blackbox_algorithm_runs_from_a_policy_and_counts_queries(tmp_path, tiny
                            "--out", tmp_path / "out", "--formats", "html,json")
     assert code == 0, output
     cells = json.loads((tmp_path / "out" / "results.json").read_text())["cells"]
-    bb = [c for c in cells if c["algorithm"] == "blackbox"]
+    bb = [c for c in cells if c["attack"]["algorithm"] == "blackbox"]
     assert [c["key"] for c in bb] == ["nontargeted_inf_z0.2_blackbox", "targeted-COVID-19_inf_z0.2_blackbox"]
     for c in bb:  # 60 images in batches of 20, 2 antithetic pairs per image per step, 2 epochs (+ evaluations)
-        assert c["queries"] >= 2 * 3 * (2 * 2 * 20) and c["algorithm_settings"]["low_res"] == 8
+        assert c["queries"] >= 2 * 3 * (2 * 2 * 20) and c["attack"]["blackbox"]["low_res"] == 8
     assert "Algorithm “blackbox”" in (tmp_path / "out" / "report.html").read_text()
 
 

@@ -13,8 +13,11 @@ if _missing:
     pytest.skip(_missing, allow_module_level=True)
 
 from auditkit import metrics  # noqa: E402
-from auditkit.attacks import Nontargeted, Targeted, UAPAttack, perturb, random_control, xi_for  # noqa: E402
 from auditkit.data import default_cache_dir  # noqa: E402
+from auditkit.uap.geometry import perturb, random_control, xi_for  # noqa: E402
+from auditkit.uap.paper import PaperUAP  # noqa: E402
+
+from conftest import attack_settings  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.cxr3]
 
@@ -64,8 +67,8 @@ def report(what, rate, seconds=None):
 @pytest.fixture(scope="module")
 def ours_nontargeted(cnn, setting):
     craft, *_, xi = setting
-    result = UAPAttack("inf", xi, eps=EPS, max_iter=PASSES, clip=True).craft(
-        cnn[1], craft, Nontargeted(), np.random.default_rng(1))
+    result = PaperUAP(attack_settings("inf", zeta=ZETA, eps=EPS, max_iter=PASSES, clip=True)).craft(
+        cnn[1], craft, xi, np.random.default_rng(1))
     return result.rho, result.seconds
 
 
@@ -105,8 +108,8 @@ def test_targeted_to_covid_at_least_as_strong_as_art(cnn, setting):
     # For a targeted UAP the success measure is R_s (share predicted COVID-19); R_f is printed alongside.
     craft, test, labels, xi = setting
     model, adapter = cnn
-    result = UAPAttack("inf", xi, eps=EPS, max_iter=PASSES, clip=True).craft(
-        adapter, craft, Targeted(COVID), np.random.default_rng(1))
+    cell = attack_settings("inf", CLASSES[COVID], zeta=ZETA, eps=EPS, max_iter=PASSES, clip=True)
+    result = PaperUAP(cell).craft(adapter, craft, xi, np.random.default_rng(1))
     art_rho, art_seconds = art_uap(model, craft, xi=xi, eps=EPS, max_iter=PASSES, clip=True, target=COVID, seed=1)
     ours_pred, art_pred = attacked(adapter, test, result.rho), attacked(adapter, test, art_rho)
     ours, art = metrics.targeted_success_rate(ours_pred, COVID), metrics.targeted_success_rate(art_pred, COVID)

@@ -3,9 +3,10 @@ unchanged, and the gradients equal TF's own."""
 import numpy as np
 import pytest
 
-from auditkit.models import configure_tensorflow, keras_adapter
-from auditkit.models import adapters
+from auditkit.models import keras as auditkit_keras
+from auditkit.models import keras_adapter
 from auditkit.models.fast_gradients import FLIPPED, MATMUL, PATCHES, with_fast_input_gradients
+from auditkit.models.tf_runtime import configure_tensorflow, freeze
 
 # layer name -> the input gradient it should get (None: TF's own)
 EXPECTED = {"patches": PATCHES, "pointwise": MATMUL, "square": FLIPPED, "oblong": FLIPPED, "strided": None,
@@ -35,11 +36,9 @@ def convnet():
 
 
 def _frozen(tf, model):
-    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
-
     spec = tf.TensorSpec((None, 32, 32, 1), tf.float32)
     traced = tf.function(lambda x: model(x, training=False), autograph=False).get_concrete_function(spec)
-    return convert_variables_to_constants_v2(traced)
+    return freeze(traced)
 
 
 def _input_gradient(tf, forward, x, labels):
@@ -74,7 +73,7 @@ def test_the_adapter_loop_runs_the_rewritten_model(convnet, monkeypatch):
         seen.append(kinds)
         return function, kinds
 
-    monkeypatch.setattr(adapters, "with_fast_input_gradients", spy)
+    monkeypatch.setattr(auditkit_keras, "with_fast_input_gradients", spy)
     adapter = keras_adapter(convnet, spec_overrides={"classes": ["a", "b", "c"]})
     _, log_probs = adapter.loop_log_probs()
     assert len(seen) == 1 and len(seen[0]) == sum(kind is not None for kind in EXPECTED.values())

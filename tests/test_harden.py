@@ -6,13 +6,15 @@ import numpy as np
 import pytest
 
 from auditkit import metrics as M
-from auditkit.attacks import Targeted, UAPAttack, perturb, xi_for
 from auditkit.errors import AuditkitError
 from auditkit.harden import harden
 from auditkit.models import keras_adapter, load_model
-from auditkit.policy import AttackGrid, Hardening, HardeningAttack, SGDSettings
+from auditkit.policy import AttackGrid, Hardening, HardeningAttack
+from auditkit.uap.base import SGDSettings
+from auditkit.uap.geometry import perturb, xi_for
+from auditkit.uap.paper import PaperUAP
 
-from conftest import CLASSES
+from conftest import CLASSES, attack_settings
 
 SIZE = 32
 CENTRES = ((9, 9), (9, 22), (23, 16))  # each class: one bright blob at its own place
@@ -70,8 +72,10 @@ def hardened(base, splits, tmp_path_factory):
 
 def fresh_uap_success(model, images) -> float:
     """R_s on `images` of a targeted UAP crafted against `model` on them, with a fixed visiting order."""
-    xi, _ = xi_for(images, "inf", SETTINGS.attack.zeta)
-    rho = UAPAttack(norm="inf", xi=xi, **UAP).craft(model, images, Targeted(TARGET), np.random.default_rng(0)).rho
+    zeta = SETTINGS.attack.zeta
+    xi, _ = xi_for(images, "inf", zeta)
+    attack = PaperUAP(attack_settings("inf", CLASSES[TARGET], zeta=zeta, **UAP))
+    rho = attack.craft(model, images, xi, np.random.default_rng(0)).rho
     return M.targeted_success_rate(model.predict(perturb(images, rho, True)), TARGET).value
 
 
@@ -159,10 +163,11 @@ def test_sgd_hardening_on_subsets_lowers_fresh_uap_success(base, splits, tmp_pat
 def test_unset_crafting_settings_come_from_the_first_grid():
     grid = AttackGrid(kinds=["nontargeted"], norms=["2"], zetas=[0.01], eps=0.004, max_iter=7, delta=0.1, clip=False,
                       algorithm="blackbox")
-    cell = HardeningAttack(max_iter=2).cell(grid)
+    cell = HardeningAttack(max_iter=2).settings(grid)
     assert (cell.eps, cell.max_iter, cell.delta, cell.clip, cell.norm, cell.zeta) == (0.004, 2, 0.1, False, "inf", 0.02)
-    assert cell.algorithm == "paper" and cell.sgd is None  # a black-box grid lends no algorithm to retraining
-    sgd = HardeningAttack(algorithm="sgd").cell(AttackGrid(kinds=["nontargeted"], norms=["inf"], zetas=[0.02]))
+    # a black-box grid lends no algorithm to retraining
+    assert cell.algorithm == "paper" and cell.algorithm_settings is None
+    sgd = HardeningAttack(algorithm="sgd").settings(AttackGrid(kinds=["nontargeted"], norms=["inf"], zetas=[0.02]))
     assert sgd.algorithm == "sgd" and sgd.sgd.batch_size == 32 and sgd.max_iter == 15
     with pytest.raises(ValueError, match="sgd settings are given but algorithm is None"):
         HardeningAttack(sgd={"batch_size": 8})

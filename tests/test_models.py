@@ -138,7 +138,7 @@ def test_unsafe_keras_lambda_is_refused(tmp_path):
 
 
 def test_a_graph_function_is_traced_once_and_computes_what_its_function_does():
-    from auditkit.models.adapters import GraphFunction, configure_tensorflow
+    from auditkit.models.tf_runtime import GraphFunction, configure_tensorflow
 
     tf = configure_tensorflow()
     traces = []

@@ -3,10 +3,15 @@ finite-difference self-check, the asymmetric-padding rewrite, and UAPs equal to 
 import numpy as np
 import pytest
 
-from auditkit.attacks import Nontargeted, SGDUAPAttack, Targeted, UAPAttack, xi_for
 from auditkit.errors import AuditkitError
 from auditkit.models import ModelSpec, load_model
 from auditkit.models import onnx_grad
+from auditkit.uap.base import SGDSettings
+from auditkit.uap.geometry import xi_for
+from auditkit.uap.paper import PaperUAP
+from auditkit.uap.sgd import SGDUAP
+
+from conftest import attack_settings
 
 SIZE = 32
 CLASSES = ["normal", "pneumonia", "COVID-19"]
@@ -39,7 +44,7 @@ def twins(tmp_path_factory):
     import tensorflow as tf
     import tf2onnx
 
-    from auditkit.models.adapters import model_input
+    from auditkit.models.base import model_input
 
     keras.utils.set_random_seed(0)
     inp = keras.Input((SIZE, SIZE, 3), name="image")
@@ -121,10 +126,10 @@ def test_asymmetric_padding_is_rewritten_and_the_rewrite_is_needed(twins):
 def test_uap_crafted_on_onnx_equals_uap_crafted_on_keras(twins, norm, eps, target):
     keras_model, onnx_model, images = twins
     xi, _ = xi_for(images, norm, 0.08)
-    criterion = Nontargeted() if target is None else Targeted(target)
-    attack = UAPAttack(norm=norm, xi=xi, eps=eps, max_iter=3)
-    k = attack.craft(keras_model, images, criterion, np.random.default_rng(7))
-    o = attack.craft(onnx_model, images, criterion, np.random.default_rng(7))
+    attack = PaperUAP(attack_settings(norm, None if target is None else CLASSES[target], zeta=0.08, eps=eps,
+                                      max_iter=3))
+    k = attack.craft(keras_model, images, xi, np.random.default_rng(7))
+    o = attack.craft(onnx_model, images, xi, np.random.default_rng(7))
     assert np.abs(k.rho).max() > 0 and k.steps > 0, "the attack moved nothing: the comparison would be vacuous"
     assert (k.rates, k.steps, k.passes) == (o.rates, o.steps, o.passes)
     np.testing.assert_allclose(o.rho, k.rho, atol=1e-6)
@@ -134,9 +139,9 @@ def test_uap_crafted_on_onnx_equals_uap_crafted_on_keras(twins, norm, eps, targe
 def test_sgd_uap_on_onnx_equals_keras(twins, norm):
     keras_model, onnx_model, images = twins
     xi, _ = xi_for(images, norm, 0.08)
-    attack = SGDUAPAttack(norm=norm, xi=xi, epochs=3, batch_size=16)
-    k = attack.craft(keras_model, images, Nontargeted(), np.random.default_rng(3))
-    o = attack.craft(onnx_model, images, Nontargeted(), np.random.default_rng(3))
+    attack = SGDUAP(attack_settings(norm, zeta=0.08, algorithm="sgd", max_iter=3, sgd=SGDSettings(batch_size=16)))
+    k = attack.craft(keras_model, images, xi, np.random.default_rng(3))
+    o = attack.craft(onnx_model, images, xi, np.random.default_rng(3))
     assert np.abs(k.rho).max() > 0
     # the frameworks sum gradients in different orders, so a near-zero momentum component can get the other sign
     assert np.isclose(o.rho, k.rho, atol=1e-6).mean() >= 0.99
@@ -243,8 +248,8 @@ def test_op_onnx_ad_cannot_differentiate_falls_back_to_torch(tmp_path):
     assert model.gradient_path.error <= onnx_grad.MAX_REL_ERROR
     images = np.random.default_rng(1).random((40, 8, 8), dtype=np.float32)
     xi, _ = xi_for(images, "inf", 0.1)
-    result = UAPAttack(norm="inf", xi=xi, eps=0.02, max_iter=2).craft(model, images, Nontargeted(),
-                                                                       np.random.default_rng(0))
+    result = PaperUAP(attack_settings("inf", zeta=0.1, eps=0.02, max_iter=2)).craft(model, images, xi,
+                                                                                    np.random.default_rng(0))
     assert result.steps > 0 and np.abs(result.rho).max() <= xi + 1e-7
 
 
@@ -256,8 +261,7 @@ def test_op_no_path_can_differentiate_is_refused_with_the_alternatives(tmp_path)
     assert "com.microsoft:Gelu" in message and "--surrogate MODEL" in message and "black-box" in message
     assert "\n" not in message
     with pytest.raises(AuditkitError, match="cannot be attacked white-box"):
-        UAPAttack(norm="inf", xi=0.1).craft(model, np.zeros((3, 8, 8), np.float32), Nontargeted(),
-                                            np.random.default_rng(0))
+        PaperUAP(attack_settings("inf")).craft(model, np.zeros((3, 8, 8), np.float32), 0.1, np.random.default_rng(0))
 
 
 def test_self_check_refuses_a_wrong_gradient(tmp_path, monkeypatch):

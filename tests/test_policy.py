@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 from auditkit.errors import AuditkitError
-from auditkit.policy import Cell, load_policy, parse_policy, validate_against_classes
+from auditkit.policy import load_policy, parse_policy, validate_against_classes
+from auditkit.uap.base import AttackSettings
 
 POLICIES = Path(__file__).resolve().parents[1] / "policies"
 CLASSES = ["normal", "pneumonia", "COVID-19"]
@@ -71,8 +72,8 @@ def test_paper_policy_matches_the_paper():
 def test_cell_keys_are_stable_and_filename_safe():
     cells = parse_policy(MINIMAL).cells(CLASSES)
     assert [c.key for c in cells] == ["nontargeted_inf_z0.02", "targeted-COVID-19_inf_z0.02"]
-    odd = Cell(kind="targeted", target="COVID 19/x", norm="2", zeta=0.01, eps=0.001, max_iter=1,
-               delta=0.0, clip=True, algorithm="paper")
+    odd = AttackSettings(kind="targeted", target="COVID 19/x", norm="2", zeta=0.01, eps=0.001, max_iter=1,
+                         delta=0.0, clip=True, algorithm="paper")
     assert odd.key == "targeted-COVID_19_x_2_z0.01"
 
 

@@ -8,6 +8,7 @@ from auditkit.data import Preprocess, load_dataset
 from auditkit.errors import AuditkitError
 from auditkit.models import zoo
 from auditkit.phantoms import DEFAULT_PARAMS, generate_phantoms
+from auditkit.training import TRAIN_PREPROCESS
 
 keras = pytest.importorskip("keras")
 
@@ -48,38 +49,6 @@ def test_unknown_name_lists_the_zoo():
             call("resnet")
 
 
-def _tiny_model(seed):
-    """A few-layer 3-class CNN: train_model works on any such model, and it traces fast."""
-    init = keras.initializers.GlorotUniform
-    inp = keras.Input((32, 32, 1))
-    x = keras.layers.Conv2D(4, 3, strides=2, activation="relu", kernel_initializer=init(seed))(inp)
-    x = keras.layers.GlobalAveragePooling2D()(keras.layers.BatchNormalization()(x))
-    return keras.Model(inp, keras.layers.Dense(3, activation="softmax", kernel_initializer=init(seed + 1))(x))
-
-
-def test_train_model_is_deterministic_and_learns():
-    rng = np.random.default_rng(0)
-    x = rng.random((30, 32, 32), dtype=np.float32) * 0.2
-    y = np.arange(30) % 3
-    x[y == 1] += 0.4  # an easy, learnable cue per class
-    x[y == 2, :, 16:] += 0.7
-    runs = []
-    for _ in range(2):
-        model = _tiny_model(1)
-        seen = []
-        hist = zoo.train_model(model, x, y, x, y, epochs=4, batch_size=8, learning_rate=2e-2, seed=5,
-                               progress=lambda epoch, logs: seen.append(epoch))
-        runs.append((hist, model.get_weights()))
-        assert seen == [1, 2, 3, 4] and set(hist) == {"loss", "accuracy", "val_loss", "val_accuracy"}
-    assert runs[0][0] == runs[1][0]
-    assert all(np.array_equal(p, q) for p, q in zip(runs[0][1], runs[1][1]))
-    assert runs[0][0]["loss"][-1] < runs[0][0]["loss"][0]
-    with pytest.raises(AuditkitError, match="labels"):
-        zoo.train_model(model, x, y + 3, x, y, epochs=1)
-    with pytest.raises(AuditkitError, match="epochs"):
-        zoo.train_model(model, x, y, x, y, epochs=0)
-
-
 @pytest.mark.parametrize("name", sorted(zoo.ZOO))
 def test_shipped_weights_classify_the_phantom_test_split(name, tmp_path):
     info = zoo.weights_info(name)
@@ -88,7 +57,7 @@ def test_shipped_weights_classify_the_phantom_test_split(name, tmp_path):
     # The first 90 images of the default test split (a smaller balanced split is a prefix of a larger one).
     params = DEFAULT_PARAMS | {"n_train": 0, "n_test": 90}
     manifest = generate_phantoms(tmp_path / "ph", **params)
-    data = load_dataset(manifest, zoo.ZOO[name].classes, preprocess=Preprocess(**zoo.TRAIN_PREPROCESS),
+    data = load_dataset(manifest, zoo.ZOO[name].classes, preprocess=Preprocess(**TRAIN_PREPROCESS),
                         cache_dir=False)
     model = zoo.load_zoo_model(name)
     pred = np.argmax(model.predict(data.floats()[..., None], batch_size=45, verbose=0), axis=1)
@@ -124,7 +93,7 @@ def test_quick_policy_runs_end_to_end_on_the_builtin_default(tmp_path):
     data = json.loads((out / "results.json").read_text())
     assert data["data"]["synthetic"] is True
     assert data["verdict"] == ("PASS" if result.exit_code == 0 else "FAIL")
-    assert {c["kind"] for c in data["cells"]} == {"nontargeted", "targeted"}
+    assert {c["attack"]["kind"] for c in data["cells"]} == {"nontargeted", "targeted"}
     html = (out / "report.html").read_text()
     assert "synthetic" in html.lower() and data["verdict"] in html
     assert (out / "junit.xml").is_file()
