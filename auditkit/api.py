@@ -95,7 +95,7 @@ def harden(model: str | Path | ModelAdapter, policy: str | Path | Policy, out_di
         _, record = harden_model(policy, adapter, dataset, work, progress=progress, log=log,
                                  checkpoint_dir=out_dir / "hardening")
         atomic_write_text(work / "hardening.json", json.dumps(dataclasses.asdict(record), indent=2) + "\n")
-        _publish(work, out_dir)
+        _publish(work, out_dir, replaces_run=False)
     return record
 
 
@@ -172,17 +172,19 @@ def rerender(results_json: str | Path, out_dir: str | Path | None = None,
     return write_reports(result, target, formats)
 
 
-def _publish(work: Path, out_dir: Path) -> None:
-    """Move a finished run into `out_dir`, replacing the outputs of an earlier run there (also the reports of
-    formats this run did not write, so no stale report sits beside the new results)."""
+def _publish(work: Path, out_dir: Path, *, replaces_run: bool = True) -> None:
+    """Move finished outputs into `out_dir`. An audit (`replaces_run`) replaces the outputs of an earlier audit
+    there (also the reports of formats this run did not write, so no stale report sits beside the new results);
+    hardening alone only replaces its own files, so an audit's results in the same folder survive it."""
     from .report import FILENAMES
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    for sub in ("uaps", "samples", AFTER_DIR):
-        if (out_dir / sub).is_dir():
-            shutil.rmtree(out_dir / sub)
-    for name in FILENAMES.values():
-        (out_dir / name).unlink(missing_ok=True)
+    if replaces_run:
+        for sub in ("uaps", "samples", AFTER_DIR):
+            if (out_dir / sub).is_dir():
+                shutil.rmtree(out_dir / sub)
+        for name in FILENAMES.values():
+            (out_dir / name).unlink(missing_ok=True)
     for item in work.iterdir():
         if item.name != LOCK_NAME:
             item.replace(out_dir / item.name)

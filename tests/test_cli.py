@@ -275,6 +275,10 @@ def test_run_with_hardening_reports_before_and_after(tmp_path, tiny_model, phant
 
 
 def test_harden_command_publishes_the_hardened_model_and_its_record(tmp_path, tiny_model, phantom_manifest):
+    """... beside an audit already in the folder, which it leaves alone."""
+    (tmp_path / "out" / "uaps").mkdir(parents=True)
+    for name in ("results.json", "report.html", "uaps/nontargeted_inf_z0.2.npy"):
+        (tmp_path / "out" / name).write_text("an earlier audit's output")
     policy = write_policy(tmp_path / "p.yaml")
     policy.write_text(policy.read_text() + """hardening:
   rounds: 1
@@ -293,6 +297,8 @@ def test_harden_command_publishes_the_hardened_model_and_its_record(tmp_path, ti
     assert (out / "hardening" / "state.json").is_file()  # the round checkpoints, kept for a resumed run
     assert f"wrote{out / 'hardened.keras'}" in "".join(output.split())  # however the console wraps the line
     assert not list(tmp_path.glob(".out.partial-*")), "the staging folder was left behind"
+    assert all((out / name).read_text() == "an earlier audit's output"
+               for name in ("results.json", "report.html", "uaps/nontargeted_inf_z0.2.npy"))
 
 
 def test_deploy_parity_surrogate_and_transfer_matrix(tmp_path, tiny_model, phantom_manifest):

@@ -80,8 +80,6 @@ def keras_output_kind(model) -> str:
     return "softmax" if name == "softmax" or type(model.layers[-1]).__name__ == "Softmax" else "logits"
 
 
-
-
 def load_keras_file(path: Path):
     configure_tensorflow()
     import keras

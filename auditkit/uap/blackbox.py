@@ -42,7 +42,7 @@ def upsampling_matrix(low: int, size: int) -> np.ndarray:
 class BlackBoxUAP:
     """Query-only UAP (see the module docstring). Per mini-batch step: `samples` antithetic pairs, i.e.
     2 x samples x batch_size queries; `sigma` (exploration radius) and `step_size` are fractions of xi (per
-    pixel for L-inf, of the whole plane for L2); the step follows SGDUAPAttack's cosine decay and the sign
+    pixel for L-inf, of the whole plane for L2); the step follows SGDUAP's cosine decay and the sign
     (L-inf) or direction (L2) of a momentum average of the normalised estimates: the universal gradient
     changes slowly, so averaging over batches buys back much of the estimates' noise.
 
