@@ -1,6 +1,7 @@
 """The Python API: everything the CLI does, callable without it."""
 from __future__ import annotations
 
+import json
 import shutil
 import uuid
 from pathlib import Path
@@ -9,6 +10,8 @@ from typing import Any, Callable, Mapping, Sequence
 from .audit import Progress, SilentProgress, load_policy_data, run_audit
 from .data import Dataset, Preprocess, load_dataset
 from .errors import AuditkitError
+from .evidence import OUTPUTS as EVIDENCE_OUTPUTS
+from .evidence import load_private_key, write_evidence, write_sbom
 from .models import ModelAdapter, load_model
 from .policy import Policy, load_policy
 from .results import AuditResult, read_json
@@ -23,7 +26,7 @@ def run(model: str | Path | ModelAdapter, policy: str | Path | Policy, out_dir: 
         data: str | Path | None = None, formats: Sequence[str] | None = None, seed: int | None = None,
         spec_overrides: Mapping[str, Any] | None = None, harden: bool | None = None,
         surrogate: str | Path | None = None, deploy: str | Path | None = None, transfer: Sequence[str | Path] = (),
-        jobs: int | None = None, command: str = "",
+        jobs: int | None = None, command: str = "", sign_key: str | Path | None = None, sbom: bool = False,
         progress: Progress | None = None, log: Callable[[str], None] = lambda _msg: None) -> AuditResult:
     """Audit `model` under `policy` and write results, UAPs and reports into `out_dir`.
 
@@ -31,6 +34,9 @@ def run(model: str | Path | ModelAdapter, policy: str | Path | Policy, out_dir: 
     ONNX export), evaluated under every UAP with a parity check; `transfer` models (plus the policy's
     `transfer:` list) are evaluated under every UAP for a transferability matrix. `jobs` cells run at a time
     (default: one per CPU core), with the same results.
+
+    Every run writes evidence.json (an in-toto statement over all outputs; a DSSE envelope signed with the
+    Ed25519 key in `sign_key` when given) and, with `sbom`, a CycloneDX SBOM of the environment.
 
     With hardening (the policy's `hardening.enabled`, or `harden=True`) the model is then retrained against
     UAPs and the whole policy is re-run on the hardened model (`result.hardened`). Everything but the
@@ -40,6 +46,8 @@ def run(model: str | Path | ModelAdapter, policy: str | Path | Policy, out_dir: 
     policy_path = "" if isinstance(policy, Policy) else str(policy)
     if not isinstance(policy, Policy):
         policy = load_policy(policy)
+    policy_as_written = policy_text(policy, policy_path)
+    signing_key = load_private_key(sign_key) if sign_key is not None else None
     if seed is not None:
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise AuditkitError(f"must be a non-negative integer, got {seed!r}", "seed")
@@ -74,6 +82,9 @@ def run(model: str | Path | ModelAdapter, policy: str | Path | Policy, out_dir: 
         from .report import write_reports
 
         write_reports(result, work, formats)
+        if sbom:
+            write_sbom(work)
+        write_evidence(result, work, policy_as_written, signing_key)
         _publish(work, out_dir)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -137,6 +148,16 @@ def rerender(results_json: str | Path, out_dir: str | Path | None = None,
     return write_reports(result, target, formats)
 
 
+def policy_text(policy: Policy, policy_path: str) -> str:
+    """The policy as its author wrote it (the file), or its JSON form when it was given as an object."""
+    if policy_path:
+        try:
+            return Path(policy_path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise AuditkitError(f"cannot read policy file: {exc}", policy_path) from None
+    return json.dumps(policy.model_dump(mode="json"), indent=2, ensure_ascii=False)
+
+
 def _staging_dir(out_dir: Path) -> Path:
     if out_dir.exists() and not out_dir.is_dir():
         raise AuditkitError("exists and is not a directory", str(out_dir))
@@ -162,7 +183,7 @@ def _publish(work: Path, out_dir: Path) -> None:
     for sub in ("uaps", "samples", AFTER_DIR):
         if (out_dir / sub).is_dir():
             shutil.rmtree(out_dir / sub)
-    for name in FILENAMES.values():
+    for name in [*FILENAMES.values(), *EVIDENCE_OUTPUTS]:
         (out_dir / name).unlink(missing_ok=True)
     for item in work.iterdir():
         item.replace(out_dir / item.name)

@@ -393,11 +393,17 @@ class Policy(_Model):
 
     def sha256(self) -> str:
         """Hash of the canonical JSON of the validated policy (defaults filled in, paths resolved)."""
-        text = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+        return canonical_sha256(self.model_dump(mode="json"))
 
     def _where(self, path: str) -> str:
         return f"{self._source}: {path}"
+
+
+def canonical_sha256(policy_dump: dict[str, Any]) -> str:
+    """A policy's digest from its JSON form: results.json and evidence.json record that form, so a reviewer
+    can recompute the digest from either without the policy file."""
+    text = json.dumps(policy_dump, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def validate_against_classes(policy: Policy, classes: Sequence[str]) -> None:
@@ -428,6 +434,20 @@ def parse_policy(data: Any, source: str = "<policy>") -> Policy:
     policy._source = source
     validate_against_classes(policy, policy.data.classes)
     return policy
+
+
+def policy_from_record(dump: dict[str, Any], source: str) -> Policy:
+    """The policy recorded in results.json (its JSON form, defaults filled in) as a Policy again. A grid's
+    settings that only matter for other kinds or algorithms were dumped with their defaults; validation
+    would read them as set, so they are dropped first."""
+    data = json.loads(json.dumps(dump))
+    defaults = {"targets": "all", "sgd": SGDSettings().model_dump(mode="json"),
+                "blackbox": BlackBoxSettings().model_dump(mode="json")}
+    for grid in data.get("attacks", []) if isinstance(data, dict) else []:
+        for key, default in defaults.items():
+            if isinstance(grid, dict) and grid.get(key) == default:
+                del grid[key]
+    return parse_policy(data, source)
 
 
 def load_policy(path: str | Path) -> Policy:
