@@ -5,6 +5,7 @@ Every problem with a policy becomes one AuditkitError naming the file and the ke
 """
 from __future__ import annotations
 
+import datetime
 import difflib
 import hashlib
 import json
@@ -341,11 +342,32 @@ class Hardening(_Model):
     seed: int | None = Field(None, ge=0)
 
 
+def _iso_date(v: Any) -> Any:
+    """A YAML date (2025-03-01 unquoted) or the same as a string: kept as 'YYYY-MM-DD'."""
+    if isinstance(v, datetime.date) and not isinstance(v, datetime.datetime):
+        return v.isoformat()
+    if isinstance(v, str) and re.fullmatch(r"\d{4}-\d{2}-\d{2}", v):
+        try:
+            return datetime.date.fromisoformat(v).isoformat()
+        except ValueError:
+            pass
+    raise ValueError(f"must be a date written YYYY-MM-DD, got {v!r}")
+
+
+class Signatory(_Model):
+    """A person who signs the report: prepared by, reviewed by, approved by (their `role`)."""
+
+    name: Name
+    role: Name
+    date: Annotated[str, BeforeValidator(_iso_date)] | None = None  # None: dated by hand when signing
+
+
 class ReportConfig(_Model):
     title: Name = "UAP robustness audit"
     organisation: str = ""
     intended_use: str = ""
     formats: UniqueList[ReportFormat] = ["html", "pdf", "json", "junit"]
+    signatories: list[Signatory] = []  # the report's signature block; empty lines to sign by hand when none
 
 
 class Policy(_Model):

@@ -123,6 +123,12 @@ def _figure_split(evals: dict[str, Any], splits: list[str]) -> str | None:
     return present[-1] if present else None
 
 
+def _held_out(result: AuditResult) -> str:
+    """The first evaluated split other than the crafting split (the attacker never saw its images)."""
+    splits = _splits(result)
+    return next((s for s in splits if s != result.data.craft_split), splits[-1])
+
+
 def _cell_order(cell: CellResult, classes: list[str]) -> tuple:
     """Nontargeted before targeted, then as in the paper's tables: p = 2 before ∞, ζ ascending, target class."""
     target = classes.index(cell.target) if cell.target in classes else len(classes)
@@ -220,7 +226,7 @@ def _hardening_view(result: AuditResult) -> dict[str, Any] | None:
     if record is None:
         return None
     classes = result.model.classes
-    split = next((s for s in _splits(result) if s != result.data.craft_split), _splits(result)[-1])
+    split = _held_out(result)
     before_cells = {c.key: c for c in result.cells}
     cells = []
     for c in (after.cells if after else []):
@@ -243,11 +249,69 @@ def _transfer_view(result: AuditResult, cells: list[CellResult]) -> dict[str, An
     """Transferability matrix on the held-out split: UAP (rows) x model (columns), audited model first."""
     if not result.transfer_models:
         return None
-    split = next((s for s in _splits(result) if s != result.data.craft_split), _splits(result)[-1])
+    split = _held_out(result)
     names = [m.name for m in result.transfer_models]
     rows = [{"key": c.key, "audited": c.headline(split),
              "others": [c.transfer.get(n, {}).get(split) for n in names]} for c in cells]
     return {"split": split, "models": result.transfer_models, "rows": rows}
+
+
+# ---------------------------------------------------------------- what a submission needs: summary, trace, signatures
+
+THREAT = "Model evasion by a universal adversarial perturbation: one fixed, near-imperceptible pattern added to every input"
+
+
+def _summary_view(result: AuditResult, cells: list[CellResult]) -> dict[str, Any]:
+    """The one-page summary: what was tested, the worst finding, the acceptance criteria."""
+    split = _held_out(result)
+    rated = [(c, c.headline(split)) for c in cells if split in c.evals]
+    worst = max(rated, key=lambda cr: (cr[1].value, cr[0].kind == "nontargeted"), default=None)
+    failed = sorted(result.failed_rules, key=lambda r: abs(r.measured - r.limit), reverse=True)
+    return {
+        "split": split,
+        "worst": worst and {"cell": worst[0], "rate": worst[1], "control": worst[0].control_headline(split),
+                            "metric": "R_s" if worst[0].kind == "targeted" else "R_f"},
+        "worst_rule": failed[0] if failed else None,
+        "images": {s: e.n for s, e in result.clean.items()},
+        "kinds": sorted({c.kind for c in cells}),
+        "norms": sorted({fmt_norm(c.norm) for c in cells}),
+        "zetas": sorted({c.zeta for c in cells}),
+        "signatories": result.provenance.policy.get("report", {}).get("signatories") or [],
+    }
+
+
+def _traceability(result: AuditResult) -> list[dict[str, str]]:
+    """Per rule: threat -> test -> result -> residual risk, the chain a premarket submission asks for."""
+    by_key = {c.key: c for c in result.cells}
+    rows = []
+    for rule in result.rules:
+        n = result.clean[rule.split].n if rule.split in result.clean else 0
+        chosen = [by_key[k] for k in rule.cells if k in by_key]
+        target = next((c.target for c in chosen if c.target), None)
+        if rule.metric == "clean_accuracy":
+            threat = "Misclassification without any attack: the baseline every robustness figure rests on"
+            test = f"clean accuracy on {n} {rule.split} images"
+        else:
+            harm = {"fooling_rate": "misclassification (prediction ≠ true label)",
+                    "flip_rate": "changed predictions (prediction ≠ clean prediction)",
+                    "targeted_success_rate": f"forced prediction of {target or 'the target class'}",
+                    "uap_over_random": "a systematic weak direction (a UAP beats random noise of the same norm)"}
+            threat = f"{THREAT}, causing {harm[rule.metric]}"
+            algos = ", ".join(sorted({c.algorithm for c in chosen})) or "no"
+            budgets = ", ".join(sorted({f"p = {fmt_norm(c.norm)}, ζ = {fmt_pct(c.zeta)}" for c in chosen}))
+            test = (f"{len(chosen)} UAP{'s' if len(chosen) != 1 else ''} crafted ({algos} algorithm; {budgets}) on "
+                    f"the {result.data.craft_split} split, {rule.metric} measured on {n} {rule.split} images")
+        if not rule.passed:
+            residual = ("Not acceptable under the policy: mitigate (e.g. adversarial retraining, input checks) and "
+                        "audit again before release.")
+        elif rule.metric == "clean_accuracy":
+            residual = f"Up to {fmt_pct(1 - rule.measured)} of {rule.split} images misclassified; accepted by the policy."
+        else:
+            residual = (f"Worst measured {fmt_pct(rule.measured)} (limit {fmt_pct(rule.limit)}), accepted by the policy; "
+                        "larger budgets, per-image attacks and other threats were not tested.")
+        rows.append({"rule": rule.name, "threat": threat, "test": test, "result": rule_comparison(rule),
+                     "passed": rule.passed, "residual": residual})
+    return rows
 
 
 def uap_figure(cell: CellResult, uap: np.ndarray) -> str:
@@ -404,6 +468,8 @@ def render_html(result: AuditResult, run_dir: Path) -> str:
         policy_json=json.dumps(result.provenance.policy, indent=2, sort_keys=False, default=str),
         hardening=_hardening_view(result),
         transfer=_transfer_view(result, cells),
+        summary=_summary_view(result, cells),
+        traceability=_traceability(result),
     )
 
 
