@@ -154,6 +154,11 @@ def run(
                                         "evidence.json as a DSSE envelope."),
     sbom: bool = typer.Option(False, "--sbom", help="Also write sbom.cdx.json, a CycloneDX SBOM of the audit "
                               "environment (listed in evidence.json)."),
+    summary_md: Optional[Path] = typer.Option(None, "--summary-md", help="Write a short Markdown summary here "
+                                              "(verdict, failed rules, link to the report), e.g. "
+                                              "$GITHUB_STEP_SUMMARY."),
+    report_url: Optional[str] = typer.Option(None, "--report-url", help="Link the Markdown summary to this URL "
+                                             "(e.g. the CI run's artefacts) instead of the report's path."),
     model_spec: Optional[Path] = SPEC_OPTS["model_spec"], classes: Optional[str] = SPEC_OPTS["classes"],
     input_size: Optional[int] = SPEC_OPTS["input_size"], channels: Optional[int] = SPEC_OPTS["channels"],
     scale: Optional[float] = SPEC_OPTS["scale"], output: Optional[str] = SPEC_OPTS["output"],
@@ -172,6 +177,14 @@ def run(
         result = api.run(model, policy, out_dir, data=data, formats=fmts, seed=seed, spec_overrides=overrides,
                          harden=harden, surrogate=surrogate, deploy=deploy, transfer=transfer or (), jobs=jobs,
                          command=command, sign_key=sign, sbom=sbom, progress=progress, log=_log)
+    if summary_md is not None:
+        from .fileio import atomic_write_text
+        from .report import render_markdown, report_link
+
+        try:
+            atomic_write_text(summary_md, render_markdown(result, report_link(out_dir, report_url)))
+        except OSError as exc:
+            raise AuditkitError(f"cannot write the Markdown summary ({exc.strerror})", str(summary_md)) from None
     _print_summary(result, out_dir)
     if result.hardened is not None:
         out.print("after hardening:")

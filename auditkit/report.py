@@ -550,6 +550,44 @@ def render_junit(result: AuditResult) -> str:
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
 
 
+# ---------------------------------------------------------------- Markdown summary (CI step summaries)
+
+def _md(text: Any) -> str:
+    """Text safe inside a Markdown table cell."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(result: AuditResult, report_link: str) -> str:
+    """A short Markdown summary for a CI page ($GITHUB_STEP_SUMMARY): verdict, failed rules measured vs limit,
+    and a link to the full report."""
+    prov = result.provenance
+    final = result.hardened or result
+    lines = [f"## auditkit: {_md(result.title)}: **{final.verdict}**", "",
+             f"Model `{_md(result.model.name)}` · policy `{_md(prov.policy_path or 'given as an object')}` "
+             f"(sha256 `{prov.policy_sha256[:16]}`) · seed {prov.seed} · "
+             f"{len(final.rules) - len(final.failed_rules)} of {len(final.rules)} rules passed"
+             + (" by the hardened model" if result.hardened else ""), ""]
+    if result.data.synthetic:
+        lines += ["> Synthetic data: the images audited are not patient data.", ""]
+    if final.failed_rules:
+        lines += ["| Failed rule | Measured | Limit | Worst cell |", "|---|---:|---:|---|"]
+        lines += [f"| {_md(r.name)} | {fmt_pct(r.measured)} | {r.bound} {fmt_pct(r.limit)} | "
+                  f"{_md(r.worst_cell or r.split)} |" for r in final.failed_rules]
+        lines.append("")
+    label = report_link if "://" in report_link else Path(report_link).name
+    lines.append(f"Full report: [{_md(label)}]({report_link})")
+    return "\n".join(lines) + "\n"
+
+
+def report_link(run_dir: Path, url: str | None = None) -> str:
+    """Where the summary points: `url` when given (e.g. the CI run's artefacts page), else the path of the
+    run's report (HTML, else PDF, else results.json)."""
+    if url:
+        return url
+    found = [FILENAMES[f] for f in ("html", "pdf", "json") if (Path(run_dir) / FILENAMES[f]).is_file()]
+    return (Path(run_dir) / (found or [FILENAMES["json"]])[0]).as_posix()
+
+
 # ---------------------------------------------------------------- all of them
 
 def write_reports(result: AuditResult, run_dir: Path, formats: Sequence[str]) -> dict[str, Path]:

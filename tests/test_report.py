@@ -303,3 +303,16 @@ def test_traceability_has_one_row_per_rule_with_residual_risk(tmp_path):
     assert targeted["passed"] and "accepted by the policy" in targeted["residual"]
     html = report.render_html(result, tmp_path)
     assert html.count("Not acceptable under the policy") == 1
+
+
+def test_markdown_summary_lists_failed_rules_measured_against_limit(tmp_path):
+    result = make_result(tmp_path)
+    result.rules[0].name = "fooling | nontargeted"
+    md = report.render_markdown(result, report.report_link(tmp_path, "https://ci.example/run/7"))
+    assert md.startswith("## auditkit: UAP robustness audit: **FAIL**")
+    rule = result.rules[0]
+    assert f"| fooling \\| nontargeted | {pct(rule.measured)} | max {pct(rule.limit)} | {rule.worst_cell} |" in md
+    assert md.count("\n| ") == 2  # header and the one failed rule
+    assert "Full report: [https://ci.example/run/7](https://ci.example/run/7)" in md and "Synthetic data" in md
+    (tmp_path / "report.pdf").write_bytes(b"%PDF")
+    assert report.report_link(tmp_path) == (tmp_path / "report.pdf").as_posix()
