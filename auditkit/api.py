@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from .audit import Progress, SilentProgress, load_policy_data, run_audit
+from .baseline import apply_change_bounds, read_baseline
 from .data import Dataset, Preprocess, load_dataset
 from .errors import AuditkitError
 from .evidence import OUTPUTS as EVIDENCE_OUTPUTS
@@ -27,6 +28,7 @@ def run(model: str | Path | ModelAdapter, policy: str | Path | Policy, out_dir: 
         spec_overrides: Mapping[str, Any] | None = None, harden: bool | None = None,
         surrogate: str | Path | None = None, deploy: str | Path | None = None, transfer: Sequence[str | Path] = (),
         jobs: int | None = None, command: str = "", sign_key: str | Path | None = None, sbom: bool = False,
+        baseline: str | Path | None = None,
         progress: Progress | None = None, log: Callable[[str], None] = lambda _msg: None) -> AuditResult:
     """Audit `model` under `policy` and write results, UAPs and reports into `out_dir`.
 
@@ -37,6 +39,8 @@ def run(model: str | Path | ModelAdapter, policy: str | Path | Policy, out_dir: 
 
     Every run writes evidence.json (an in-toto statement over all outputs; a DSSE envelope signed with the
     Ed25519 key in `sign_key` when given) and, with `sbom`, a CycloneDX SBOM of the environment.
+    `baseline` is an earlier audit's results.json under the same policy: every cell is compared with it, and
+    rules with `max_increase` fail where a cell got worse by more than that.
 
     With hardening (the policy's `hardening.enabled`, or `harden=True`) the model is then retrained against
     UAPs and the whole policy is re-run on the hardened model (`result.hardened`). Everything but the
@@ -52,6 +56,7 @@ def run(model: str | Path | ModelAdapter, policy: str | Path | Policy, out_dir: 
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise AuditkitError(f"must be a non-negative integer, got {seed!r}", "seed")
         policy = policy.model_copy(update={"seed": seed})
+    previous = read_baseline(baseline, policy) if baseline is not None else None
     if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
         raise AuditkitError(f"must be a positive integer, got {jobs!r}", "jobs")
     adapter = model if isinstance(model, ModelAdapter) else load_model(model, spec_overrides)
@@ -75,10 +80,12 @@ def run(model: str | Path | ModelAdapter, policy: str | Path | Policy, out_dir: 
                           progress=progress, log=log, jobs=jobs)
         result = run_audit(policy, adapter, dataset, out_dir=work, surrogate=surrogate_model, deploy=deploy_model,
                            transfer=transfer_models, **audit_args)
+        apply_change_bounds(result, policy, previous, str(baseline or ""))
         if hardening:
             hardened, result.hardening = harden_model(policy, adapter, dataset, work, progress=progress, log=log,
                                                       checkpoint_dir=out_dir / "hardening")
             result.hardened = run_audit(policy, hardened, dataset, out_dir=work / AFTER_DIR, **audit_args)
+            apply_change_bounds(result.hardened, policy, previous, str(baseline or ""))
         from .report import write_reports
 
         write_reports(result, work, formats)

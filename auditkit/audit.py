@@ -396,7 +396,7 @@ def _apply_rule(index: int, rule: Threshold, policy: Policy, cells: list[CellRes
         measured, keys, worst = clean[rule.split].accuracy.value, [], None
     else:
         chosen = [c for c in cells if rule.selects(_as_cell(c))]
-        values = [(_rule_value(rule.metric, c, rule.split), c.key) for c in chosen]
+        values = [(c.metric_value(rule.metric, rule.split), c.key) for c in chosen]
         measured, worst = (max if bound == "max" else min)(values)
         keys = [c.key for c in chosen]
     passed = measured <= rule.limit if bound == "max" else measured >= rule.limit
@@ -404,15 +404,6 @@ def _apply_rule(index: int, rule: Threshold, policy: Policy, cells: list[CellRes
                                    ("zeta", rule.zeta)) if v is not None}
     return RuleResult(name=rule.name, metric=rule.metric, split=rule.split, selectors=selectors, bound=bound,
                       limit=rule.limit, measured=float(measured), worst_cell=worst, cells=keys, passed=bool(passed))
-
-
-def _rule_value(metric: str, cell: CellResult, split: str) -> float:
-    ev = cell.evals[split]
-    if metric == "uap_over_random":
-        return cell.headline(split).value - cell.control_headline(split).value
-    if metric == "targeted_success_rate":
-        return ev.targeted_success_rate.value
-    return getattr(ev, metric).value
 
 
 def _as_cell(c: CellResult) -> Cell:

@@ -157,6 +157,9 @@ def run(
     summary_md: Optional[Path] = typer.Option(None, "--summary-md", help="Write a short Markdown summary here "
                                               "(verdict, failed rules, link to the report), e.g. "
                                               "$GITHUB_STEP_SUMMARY."),
+    baseline: Optional[Path] = typer.Option(None, "--baseline", help="results.json of the last released model's "
+                                            "audit under the same policy: per-cell changes, and rules with "
+                                            "max_increase fail where a cell got worse by more."),
     report_url: Optional[str] = typer.Option(None, "--report-url", help="Link the Markdown summary to this URL "
                                              "(e.g. the CI run's artefacts) instead of the report's path."),
     model_spec: Optional[Path] = SPEC_OPTS["model_spec"], classes: Optional[str] = SPEC_OPTS["classes"],
@@ -176,7 +179,8 @@ def run(
     with RichProgress() as progress:
         result = api.run(model, policy, out_dir, data=data, formats=fmts, seed=seed, spec_overrides=overrides,
                          harden=harden, surrogate=surrogate, deploy=deploy, transfer=transfer or (), jobs=jobs,
-                         command=command, sign_key=sign, sbom=sbom, progress=progress, log=_log)
+                         command=command, sign_key=sign, sbom=sbom, baseline=baseline, progress=progress,
+                         log=_log)
     if summary_md is not None:
         from .fileio import atomic_write_text
         from .report import render_markdown, report_link
@@ -412,8 +416,10 @@ def _print_summary(result, out_dir: Path) -> None:
     out.print(table)
     for r in result.rules:
         mark = "[green]PASS[/]" if r.passed else "[bold red]FAIL[/]"
+        rise = "" if r.increase is None else \
+            f"; rise {r.increase:+.3f} ({escape(r.increase_cell)}), max_increase {r.max_increase:g}"
         out.print(f"{mark} {escape(r.name)}: measured {r.measured:.3f} ({escape(r.worst_cell or r.split)}), "
-                  f"{r.bound} {r.limit:g}", highlight=False, markup=True)
+                  f"{r.bound} {r.limit:g}{rise}", highlight=False, markup=True)
     colour = "green" if result.verdict == "PASS" else "bold red"
     out.print(f"verdict: [{colour}]{result.verdict}[/]  ->  {escape(str(out_dir))}", markup=True)
 

@@ -233,6 +233,7 @@ class Threshold(_Model):
     zeta: Zeta | None = None
     max: float | None = None
     min: float | None = None
+    max_increase: float | None = Field(None, ge=0, le=1)  # the most the metric may rise since --baseline's audit
 
     @property
     def per_cell(self) -> bool:
@@ -276,6 +277,9 @@ class Threshold(_Model):
             raise _At(("kind",), "targeted_success_rate applies to targeted attacks only")
         if self.kind == "nontargeted" and self.target is not None:
             raise _At(("target",), "nontargeted attacks have no target; drop target or set kind: targeted")
+        if self.max_increase is not None and (not self.per_cell or self.max is None):
+            raise _At(("max_increase",), "bounds the rise of an attack metric; give it with max, on a metric other "
+                                         "than clean_accuracy")
         if self.name is None:
             self.name = self._default_name()
         return self
@@ -285,7 +289,8 @@ class Threshold(_Model):
                  self.norm and f"L{self.norm}", self.zeta is not None and f"zeta={self.zeta:g}"]
         sel = ", ".join(p for p in parts if p) or "all cells"
         where = self.split if not self.per_cell else f"{self.split}, {sel}"
-        return f"{self.metric} ({where}) {'<=' if self.max is not None else '>='} {self.limit:g}"
+        rise = "" if self.max_increase is None else f", rise <= {self.max_increase:g}"
+        return f"{self.metric} ({where}) {'<=' if self.max is not None else '>='} {self.limit:g}{rise}"
 
 
 class HardeningAttack(_Model):

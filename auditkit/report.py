@@ -53,6 +53,11 @@ def fmt_rate(r: Rate | None) -> str:
     return f"{fmt_pct(r.value)} [{100 * r.low:.1f}–{100 * r.high:.1f}]"
 
 
+def fmt_pp(x: float | None) -> str:
+    """A change of a proportion in percentage points: 0.083 -> '+8.3 pp'."""
+    return "n/a" if _missing(x) else f"{100 * x:+.1f} pp"
+
+
 def fmt_num(x: float | int | None) -> str:
     """A plain number, four significant digits for floats."""
     if _missing(x):
@@ -102,7 +107,17 @@ def rule_comparison(rule: RuleResult) -> str:
         op = "≤" if rule.measured <= rule.limit else ">"
     else:
         op = "≥" if rule.measured >= rule.limit else "<"
-    return f"{measured} {op} {limit}"
+    return f"{measured} {op} {limit}{_rise(rule)}"
+
+
+def _rise(rule: RuleResult) -> str:
+    """The change bound of a rule with max_increase: checked against the baseline, or said to be unchecked."""
+    if rule.max_increase is None:
+        return ""
+    if rule.increase is None:
+        return f"; rise not checked (no baseline given; bound {fmt_pp(rule.max_increase)})"
+    op = "≤" if rule.increase <= rule.max_increase else ">"
+    return f"; rise since the baseline {fmt_pp(rule.increase)} {op} {fmt_pp(rule.max_increase)}"
 
 
 # ---------------------------------------------------------------- layout helpers over the result
@@ -431,7 +446,7 @@ def _cell_figures(cell: CellResult, result: AuditResult, run_dir: Path, splits: 
 def _environment() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    env.filters.update(pct=fmt_pct, rate=fmt_rate, num=fmt_num, db=fmt_db, seconds=fmt_seconds,
+    env.filters.update(pct=fmt_pct, pp=fmt_pp, rate=fmt_rate, num=fmt_num, db=fmt_db, seconds=fmt_seconds,
                        norm=fmt_norm, selectors=fmt_selectors, cell_label=cell_label, comparison=rule_comparison)
     return env
 
@@ -532,7 +547,7 @@ def _junit_suite(result: AuditResult, label: str) -> ET.Element:
             ET.SubElement(case, "system-out").text = _xml(detail)
         else:
             message = (f"{rule.metric} measured {fmt_pct(rule.measured)}, limit {rule.bound} {fmt_pct(rule.limit)}, "
-                       f"worst cell {rule.worst_cell or 'n/a'}")
+                       f"worst cell {rule.worst_cell or 'n/a'}{_rise(rule)}")
             ET.SubElement(case, "failure", message=_xml(message), type="ThresholdViolated").text = _xml(detail)
     return suite
 
@@ -571,8 +586,19 @@ def render_markdown(result: AuditResult, report_link: str) -> str:
         lines += ["> Synthetic data: the images audited are not patient data.", ""]
     if final.failed_rules:
         lines += ["| Failed rule | Measured | Limit | Worst cell |", "|---|---:|---:|---|"]
-        lines += [f"| {_md(r.name)} | {fmt_pct(r.measured)} | {r.bound} {fmt_pct(r.limit)} | "
-                  f"{_md(r.worst_cell or r.split)} |" for r in final.failed_rules]
+        for r in final.failed_rules:
+            rise = r.increase is not None and r.increase > r.max_increase
+            measured = fmt_pct(r.measured) + (f" (rise {fmt_pp(r.increase)})" if rise else "")
+            limit = f"{r.bound} {fmt_pct(r.limit)}" + (f", rise ≤ {fmt_pp(r.max_increase)}" if rise else "")
+            lines.append(f"| {_md(r.name)} | {measured} | {limit} | {_md(r.increase_cell if rise else r.worst_cell or r.split)} |")
+        lines.append("")
+    if final.baseline is not None:
+        split = _held_out(final)
+        b = final.baseline
+        lines += [f"Change since the baseline audit (`{_md(b.model.name)}`, {b.verdict}, {b.started}), {split} split:",
+                  "", "| Cell | Baseline | This audit | Change |", "|---|---:|---:|---:|"]
+        lines += [f"| {_md(d.key)} | {fmt_pct(d.before)} | {fmt_pct(d.after)} | {fmt_pp(d.delta)} |"
+                  for d in b.deltas if d.split == split]
         lines.append("")
     label = report_link if "://" in report_link else Path(report_link).name
     lines.append(f"Full report: [{_md(label)}]({report_link})")
