@@ -8,9 +8,12 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from .audit import Progress, SilentProgress, load_policy_data, run_audit
+from .baseline import apply_change_bounds, read_baseline
 from .data import Dataset, Preprocess, load_dataset
 from .errors import AuditkitError
 from .fileio import atomic_write_text
+from .evidence import OUTPUTS as EVIDENCE_OUTPUTS
+from .evidence import load_private_key, write_evidence, write_sbom
 from .models import ModelAdapter, load_model
 from .policy import Policy, load_policy
 from .results import AuditResult, HardeningRecord, read_json
@@ -23,10 +26,12 @@ __all__ = ["run", "harden", "harden_model", "train_zoo", "rerender", "load_polic
 
 
 def run(model: str | Path | ModelAdapter, policy: str | Path | Policy, out_dir: str | Path, *,
-        data: str | Path | None = None, image_root: str | Path | None = None, formats: Sequence[str] | None = None, seed: int | None = None,
+        data: str | Path | None = None, image_root: str | Path | None = None, formats: Sequence[str] | None = None,
+        seed: int | None = None,
         spec_overrides: Mapping[str, Any] | None = None, harden: bool | None = None,
         surrogate: str | Path | None = None, deploy: str | Path | None = None, transfer: Sequence[str | Path] = (),
-        jobs: int | None = None, command: str = "",
+        jobs: int | None = None, command: str = "", sign_key: str | Path | None = None, sbom: bool = False,
+        baseline: str | Path | None = None,
         progress: Progress | None = None, log: Callable[[str], None] = lambda _msg: None) -> AuditResult:
     """Audit `model` under `policy` and write results, UAPs and reports into `out_dir`.
 
@@ -36,6 +41,11 @@ def run(model: str | Path | ModelAdapter, policy: str | Path | Policy, out_dir: 
     `transfer:` list) are evaluated under every UAP for a transferability matrix. `jobs` cells run at a time
     (default: one per CPU core), with the same results.
 
+    Every run writes evidence.json (an in-toto statement over all outputs; a DSSE envelope signed with the
+    Ed25519 key in `sign_key` when given) and, with `sbom`, a CycloneDX SBOM of the environment.
+    `baseline` is an earlier audit's results.json under the same policy: every cell is compared with it, and
+    rules with `max_increase` fail where a cell got worse by more than that.
+
     With hardening (the policy's `hardening.enabled`, or `harden=True`) the model is then retrained against
     UAPs and the whole policy is re-run on the hardened model (`result.hardened`). Everything but the
     hardening checkpoints (out_dir/hardening/, kept so a killed run resumes) is written to a temporary
@@ -43,6 +53,9 @@ def run(model: str | Path | ModelAdapter, policy: str | Path | Policy, out_dir: 
     """
     policy_path = "" if isinstance(policy, Policy) else str(policy)
     policy = _with_seed(policy if isinstance(policy, Policy) else load_policy(policy), seed)
+    policy_as_written = policy_text(policy, policy_path)
+    signing_key = load_private_key(sign_key) if sign_key is not None else None
+    previous = read_baseline(baseline, policy) if baseline is not None else None
     if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
         raise AuditkitError(f"must be a positive integer, got {jobs!r}", "jobs")
     adapter = model if isinstance(model, ModelAdapter) else load_model(model, spec_overrides)
@@ -65,13 +78,18 @@ def run(model: str | Path | ModelAdapter, policy: str | Path | Policy, out_dir: 
                           progress=progress, log=log, jobs=jobs)
         result = run_audit(policy, adapter, dataset, out_dir=work, surrogate=surrogate_model, deploy=deploy_model,
                            transfer=transfer_models, **audit_args)
+        apply_change_bounds(result, policy, previous, str(baseline or ""))
         if hardening:
             hardened, result.hardening = harden_model(policy, adapter, dataset, work, progress=progress, log=log,
                                                       checkpoint_dir=out_dir / "hardening")
             result.hardened = run_audit(policy, hardened, dataset, out_dir=work / AFTER_DIR, **audit_args)
+            apply_change_bounds(result.hardened, policy, previous, str(baseline or ""))
         from .report import write_reports
 
         write_reports(result, work, formats)
+        if sbom:
+            write_sbom(work)
+        write_evidence(result, work, policy_as_written, signing_key)
         _publish(work, out_dir)
     return result
 
@@ -172,6 +190,16 @@ def rerender(results_json: str | Path, out_dir: str | Path | None = None,
     return write_reports(result, target, formats)
 
 
+def policy_text(policy: Policy, policy_path: str) -> str:
+    """The policy as its author wrote it (the file), or its JSON form when it was given as an object."""
+    if policy_path:
+        try:
+            return Path(policy_path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise AuditkitError(f"cannot read policy file: {exc}", policy_path) from None
+    return json.dumps(policy.model_dump(mode="json"), indent=2, ensure_ascii=False)
+
+
 def _publish(work: Path, out_dir: Path, *, replaces_run: bool = True) -> None:
     """Move finished outputs into `out_dir`. An audit (`replaces_run`) replaces the outputs of an earlier audit
     there (also the reports of formats this run did not write, so no stale report sits beside the new results);
@@ -183,7 +211,7 @@ def _publish(work: Path, out_dir: Path, *, replaces_run: bool = True) -> None:
         for sub in ("uaps", "samples", AFTER_DIR):
             if (out_dir / sub).is_dir():
                 shutil.rmtree(out_dir / sub)
-        for name in FILENAMES.values():
+        for name in [*FILENAMES.values(), *EVIDENCE_OUTPUTS]:
             (out_dir / name).unlink(missing_ok=True)
     for item in work.iterdir():
         if item.name != LOCK_NAME:

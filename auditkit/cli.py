@@ -24,7 +24,9 @@ from .messages import escape as one_line
 from .quiet import silence_third_party
 
 EXIT_CODES = """Exit codes: 0 every threshold passed · 1 a threshold failed · 2 bad input or usage (one line naming
-what and where) · 3 internal error (a bug: rerun with --debug and report it)."""
+what and where) · 3 internal error (a bug: rerun with --debug and report it) · 5 verify: a file or field differs
+from the evidence · 6 verify --recompute: a cell was not reproduced."""
+VERIFY_FAILED, NOT_REPRODUCED = 5, 6
 
 # typer >= 0.24 carries its own copy of click, whose exceptions derive from TyperException
 _USAGE_ERRORS = tuple({getattr(typer, "TyperException", click.ClickException), click.ClickException})
@@ -216,11 +218,24 @@ def run(
                                                  "on (repeatable): a transferability matrix."),
     jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Cells crafted at a time (default: one "
                                        "per CPU core); the results do not depend on it."),
+    sign: Optional[Path] = typer.Option(None, "--sign", help="Ed25519 private key (auditkit keygen): sign "
+                                        "evidence.json as a DSSE envelope."),
+    sbom: bool = typer.Option(False, "--sbom", help="Also write sbom.cdx.json, a CycloneDX SBOM of the audit "
+                              "environment (listed in evidence.json)."),
+    summary_md: Optional[Path] = typer.Option(None, "--summary-md", help="Write a short Markdown summary here "
+                                              "(verdict, failed rules, link to the report), e.g. "
+                                              "$GITHUB_STEP_SUMMARY."),
+    baseline: Optional[Path] = typer.Option(None, "--baseline", help="results.json of the last released model's "
+                                            "audit under the same policy: per-cell changes, and rules with "
+                                            "max_increase fail where a cell got worse by more."),
+    report_url: Optional[str] = typer.Option(None, "--report-url", help="Link the Markdown summary to this URL "
+                                             "(e.g. the CI run's artefacts) instead of the report's path."),
     model_spec: Optional[Path] = SPEC_OPTS["model_spec"], classes: Optional[str] = SPEC_OPTS["classes"],
     input_size: Optional[int] = SPEC_OPTS["input_size"], channels: Optional[int] = SPEC_OPTS["channels"],
     scale: Optional[float] = SPEC_OPTS["scale"], output: Optional[str] = SPEC_OPTS["output"],
 ):
-    """Run a policy's UAP audit on a model; write results.json, report.html/.pdf, junit.xml and uaps/.
+    """Run a policy's UAP audit on a model; write results.json, report.html/.pdf, junit.xml, uaps/ and
+    evidence.json (digests of all of them, for `auditkit verify`).
 
     With hardening, the model is retrained against UAPs, exported (.keras and ONNX, parity-checked), and the
     policy is re-run on it; the exit code then follows the hardened model's verdict."""
@@ -233,7 +248,16 @@ def run(
         result = api.run(model, policy, out_dir, data=data, image_root=image_root, formats=fmts, seed=seed,
                          spec_overrides=overrides,
                          harden=harden, surrogate=surrogate, deploy=deploy, transfer=transfer or (), jobs=jobs,
-                         command=command, progress=progress, log=_log)
+                         command=command, sign_key=sign, sbom=sbom, baseline=baseline, progress=progress,
+                         log=_log)
+    if summary_md is not None:
+        from .fileio import atomic_write_text
+        from .report import render_markdown, report_link
+
+        try:
+            atomic_write_text(summary_md, render_markdown(result, report_link(out_dir, report_url)))
+        except OSError as exc:
+            raise AuditkitError(f"cannot write the Markdown summary ({exc.strerror})", str(summary_md)) from None
     _print_summary(result, out_dir)
     if result.hardened is not None:
         out.print("after hardening:")
@@ -288,6 +312,61 @@ def report(
     written = api.rerender(results, out_dir, _formats(formats))
     for fmt, path in written.items():
         out.print(f"{fmt}: {path}")
+
+
+@app.command()
+@_guarded
+def keygen(
+    prefix: Path = typer.Option(Path("auditkit"), "--out", "-o", help="Path prefix: writes PREFIX.key (private, "
+                                "mode 0600) and PREFIX.pub."),
+):
+    """Make an Ed25519 key pair for `auditkit run --sign`. Never overwrites a key."""
+    from .evidence import generate_keypair
+
+    private, public = prefix.with_name(prefix.name + ".key"), prefix.with_name(prefix.name + ".pub")
+    kid = generate_keypair(private, public)
+    _out_print(f"private key: {private} (keep it secret)\npublic key:  {public} (give it to reviewers)\nkeyid: {kid}")
+
+
+@app.command()
+@_guarded
+def verify(
+    run_dir: Path = typer.Argument(..., help="An audit's output folder (with evidence.json)."),
+    key: Optional[Path] = typer.Option(None, "--key", help="Ed25519 public key: check evidence.json's signature."),
+    recompute: Optional[str] = typer.Option(None, "--recompute", help="CELL or all: re-craft cells from the "
+                                            "recorded model, data, policy and seed and compare the UAPs."),
+):
+    """Check an audit folder against its evidence.json: every file's sha256, the signature (with --key), and
+    with --recompute that the UAPs can be reproduced. Exit 0 when everything holds, 5 (or 6) with one line
+    naming the first file or field that differs."""
+    from .evidence import Mismatch, verify_run
+
+    try:
+        checked = verify_run(run_dir, key)
+    except Mismatch as exc:
+        console.print(f"[bold red]verify failed:[/] {escape(str(exc))}", highlight=False, markup=True,
+                      soft_wrap=True)
+        raise typer.Exit(VERIFY_FAILED) from None
+    signature = (f"signature by keyid {checked.keyid[:16]}… holds" if checked.keyid else
+                 "signed, signature not checked (give --key)" if checked.signed else "not signed")
+    _out_print(f"OK: {checked.files} files match evidence.json; {signature}")
+    if recompute is None:
+        return
+    from .reproduce import recompute_cells
+
+    with RichProgress() as progress:
+        report = recompute_cells(run_dir, recompute, progress=progress)
+    _out_print(report.platform_note)
+    for line in report.lines:
+        _out_print(line)
+    if report.problem:
+        console.print(f"[bold red]not reproduced:[/] {escape(report.problem)}", highlight=False, markup=True,
+                      soft_wrap=True)
+        raise typer.Exit(NOT_REPRODUCED)
+
+
+def _out_print(text: str) -> None:
+    out.print(text, highlight=False, soft_wrap=True)
 
 
 @policy_app.command("check")
@@ -399,8 +478,10 @@ def _print_summary(result, out_dir: Path) -> None:
     out.print(table)
     for r in result.rules:
         mark = "[green]PASS[/]" if r.passed else "[bold red]FAIL[/]"
+        rise = "" if r.increase is None else \
+            f"; rise {r.increase:+.3f} ({escape(r.increase_cell)}), max_increase {r.max_increase:g}"
         out.print(f"{mark} {escape(r.name)}: measured {r.measured:.3f} ({escape(r.worst_cell or r.split)}), "
-                  f"{r.bound} {r.limit:g}", highlight=False, markup=True)
+                  f"{r.bound} {r.limit:g}{rise}", highlight=False, markup=True)
     colour = "green" if result.verdict == "PASS" else "bold red"
     out.print(f"verdict: [{colour}]{result.verdict}[/]  ->  {escape(str(out_dir))}", markup=True)
 

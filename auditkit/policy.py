@@ -5,6 +5,7 @@ Every problem with a policy becomes one AuditkitError naming the file and the ke
 """
 from __future__ import annotations
 
+import datetime
 import difflib
 import hashlib
 import json
@@ -29,7 +30,7 @@ from pydantic import (
 
 from .errors import AuditkitError
 from .models.registry import ZOO_CLASSES, ZOO_NAMES
-from .uap.base import AttackSettings, Crafting, Kind, Norm, SGDSettings, Zeta
+from .uap.base import AttackSettings, BlackBoxSettings, Crafting, Kind, Norm, SGDSettings, Zeta
 from .messages import quote, shown
 from .yaml_budget import check_expanded_size, read_text
 
@@ -156,6 +157,7 @@ class Threshold(_Model):
     zeta: Zeta | None = None
     max: float | None = None
     min: float | None = None
+    max_increase: float | None = Field(None, ge=0, le=1)  # the most the metric may rise since --baseline's audit
 
     @property
     def per_cell(self) -> bool:
@@ -199,6 +201,9 @@ class Threshold(_Model):
             raise _At(("kind",), "targeted_success_rate applies to targeted attacks only")
         if self.kind == "nontargeted" and self.target is not None:
             raise _At(("target",), "nontargeted attacks have no target; drop target or set kind: targeted")
+        if self.max_increase is not None and (not self.per_cell or self.max is None):
+            raise _At(("max_increase",), "bounds the rise of an attack metric; give it with max, on a metric other "
+                                         "than clean_accuracy")
         if self.name is None:
             self.name = self._default_name()
         return self
@@ -208,7 +213,8 @@ class Threshold(_Model):
                  self.norm and f"L{self.norm}", self.zeta is not None and f"zeta={self.zeta:g}"]
         sel = ", ".join(p for p in parts if p) or "all cells"
         where = self.split if not self.per_cell else f"{self.split}, {sel}"
-        return f"{self.metric} ({where}) {'<=' if self.max is not None else '>='} {self.limit:g}"
+        rise = "" if self.max_increase is None else f", rise <= {self.max_increase:g}"
+        return f"{self.metric} ({where}) {'<=' if self.max is not None else '>='} {self.limit:g}{rise}"
 
 
 class HardeningAttack(_Model):
@@ -264,11 +270,32 @@ class Hardening(_Model):
     seed: int | None = Field(None, ge=0)
 
 
+def _iso_date(v: Any) -> Any:
+    """A YAML date (2025-03-01 unquoted) or the same as a string: kept as 'YYYY-MM-DD'."""
+    if isinstance(v, datetime.date) and not isinstance(v, datetime.datetime):
+        return v.isoformat()
+    if isinstance(v, str) and re.fullmatch(r"\d{4}-\d{2}-\d{2}", v):
+        try:
+            return datetime.date.fromisoformat(v).isoformat()
+        except ValueError:
+            pass
+    raise ValueError(f"must be a date written YYYY-MM-DD, got {v!r}")
+
+
+class Signatory(_Model):
+    """A person who signs the report: prepared by, reviewed by, approved by (their `role`)."""
+
+    name: Name
+    role: Name
+    date: Annotated[str, BeforeValidator(_iso_date)] | None = None  # None: dated by hand when signing
+
+
 class ReportConfig(_Model):
     title: Name = "UAP robustness audit"
     organisation: str = ""
     intended_use: str = ""
     formats: UniqueList[ReportFormat] = ["html", "pdf", "json", "junit"]
+    signatories: list[Signatory] = []  # the report's signature block; empty lines to sign by hand when none
 
 
 class Policy(_Model):
@@ -316,11 +343,17 @@ class Policy(_Model):
 
     def sha256(self) -> str:
         """Hash of the canonical JSON of the validated policy (defaults filled in, paths resolved)."""
-        text = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+        return canonical_sha256(self.model_dump(mode="json"))
 
     def _where(self, path: str) -> str:
         return f"{self._source}: {path}"
+
+
+def canonical_sha256(policy_dump: dict[str, Any]) -> str:
+    """A policy's digest from its JSON form: results.json and evidence.json record that form, so a reviewer
+    can recompute the digest from either without the policy file."""
+    text = json.dumps(policy_dump, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def validate_against_classes(policy: Policy, classes: Sequence[str]) -> None:
@@ -352,6 +385,20 @@ def parse_policy(data: Any, source: str = "<policy>") -> Policy:
     policy._source = source
     validate_against_classes(policy, policy.data.classes)
     return policy
+
+
+def policy_from_record(dump: dict[str, Any], source: str) -> Policy:
+    """The policy recorded in results.json (its JSON form, defaults filled in) as a Policy again. A grid's
+    settings that only matter for other kinds or algorithms were dumped with their defaults; validation
+    would read them as set, so they are dropped first."""
+    data = json.loads(json.dumps(dump))
+    defaults = {"targets": "all", "sgd": SGDSettings().model_dump(mode="json"),
+                "blackbox": BlackBoxSettings().model_dump(mode="json")}
+    for grid in data.get("attacks", []) if isinstance(data, dict) else []:
+        for key, default in defaults.items():
+            if isinstance(grid, dict) and grid.get(key) == default:
+                del grid[key]
+    return parse_policy(data, source)
 
 
 def load_policy(path: str | Path) -> Policy:

@@ -53,6 +53,11 @@ def fmt_rate(r: Rate | None) -> str:
     return f"{fmt_pct(r.value)} [{100 * r.low:.1f}–{100 * r.high:.1f}]"
 
 
+def fmt_pp(x: float | None) -> str:
+    """A change of a proportion in percentage points: 0.083 -> '+8.3 pp'."""
+    return "n/a" if _missing(x) else f"{100 * x:+.1f} pp"
+
+
 def fmt_num(x: float | int | None) -> str:
     """A plain number, four significant digits for floats."""
     if _missing(x):
@@ -102,7 +107,17 @@ def rule_comparison(rule: RuleResult) -> str:
         op = "≤" if rule.measured <= rule.limit else ">"
     else:
         op = "≥" if rule.measured >= rule.limit else "<"
-    return f"{measured} {op} {limit}"
+    return f"{measured} {op} {limit}{_rise(rule)}"
+
+
+def _rise(rule: RuleResult) -> str:
+    """The change bound of a rule with max_increase: checked against the baseline, or said to be unchecked."""
+    if rule.max_increase is None:
+        return ""
+    if rule.increase is None:
+        return f"; rise not checked (no baseline given; bound {fmt_pp(rule.max_increase)})"
+    op = "≤" if rule.increase <= rule.max_increase else ">"
+    return f"; rise since the baseline {fmt_pp(rule.increase)} {op} {fmt_pp(rule.max_increase)}"
 
 
 # ---------------------------------------------------------------- layout helpers over the result
@@ -121,6 +136,12 @@ def _figure_split(evals: dict[str, Any], splits: list[str]) -> str | None:
         return "test"
     present = [s for s in splits if s in evals]
     return present[-1] if present else None
+
+
+def _held_out(result: AuditResult) -> str:
+    """The first evaluated split other than the crafting split (the attacker never saw its images)."""
+    splits = _splits(result)
+    return next((s for s in splits if s != result.data.craft_split), splits[-1])
 
 
 def _cell_order(cell: CellResult, classes: list[str]) -> tuple:
@@ -221,7 +242,7 @@ def _hardening_view(result: AuditResult) -> dict[str, Any] | None:
     if record is None:
         return None
     classes = result.model.classes
-    split = next((s for s in _splits(result) if s != result.data.craft_split), _splits(result)[-1])
+    split = _held_out(result)
     before_cells = {c.key: c for c in result.cells}
     cells = []
     for c in (after.cells if after else []):
@@ -244,11 +265,69 @@ def _transfer_view(result: AuditResult, cells: list[CellResult]) -> dict[str, An
     """Transferability matrix on the held-out split: UAP (rows) x model (columns), audited model first."""
     if not result.transfer_models:
         return None
-    split = next((s for s in _splits(result) if s != result.data.craft_split), _splits(result)[-1])
+    split = _held_out(result)
     names = [m.name for m in result.transfer_models]
     rows = [{"key": c.key, "audited": c.headline(split),
              "others": [c.transfer.get(n, {}).get(split) for n in names]} for c in cells]
     return {"split": split, "models": result.transfer_models, "rows": rows}
+
+
+# ---------------------------------------------------------------- what a submission needs: summary, trace, signatures
+
+THREAT = "Model evasion by a universal adversarial perturbation: one fixed, near-imperceptible pattern added to every input"
+
+
+def _summary_view(result: AuditResult, cells: list[CellResult]) -> dict[str, Any]:
+    """The one-page summary: what was tested, the worst finding, the acceptance criteria."""
+    split = _held_out(result)
+    rated = [(c, c.headline(split)) for c in cells if split in c.evals]
+    worst = max(rated, key=lambda cr: (cr[1].value, cr[0].kind == "nontargeted"), default=None)
+    failed = sorted(result.failed_rules, key=lambda r: abs(r.measured - r.limit), reverse=True)
+    return {
+        "split": split,
+        "worst": worst and {"cell": worst[0], "rate": worst[1], "control": worst[0].control_headline(split),
+                            "metric": "R_s" if worst[0].kind == "targeted" else "R_f"},
+        "worst_rule": failed[0] if failed else None,
+        "images": {s: e.n for s, e in result.clean.items()},
+        "kinds": sorted({c.attack.kind for c in cells}),
+        "norms": sorted({fmt_norm(c.attack.norm) for c in cells}),
+        "zetas": sorted({c.attack.zeta for c in cells}),
+        "signatories": result.provenance.policy.get("report", {}).get("signatories") or [],
+    }
+
+
+def _traceability(result: AuditResult) -> list[dict[str, str]]:
+    """Per rule: threat -> test -> result -> residual risk, the chain a premarket submission asks for."""
+    by_key = {c.key: c for c in result.cells}
+    rows = []
+    for rule in result.rules:
+        n = result.clean[rule.split].n if rule.split in result.clean else 0
+        chosen = [by_key[k] for k in rule.cells if k in by_key]
+        target = next((c.attack.target for c in chosen if c.attack.target), None)
+        if rule.metric == "clean_accuracy":
+            threat = "Misclassification without any attack: the baseline every robustness figure rests on"
+            test = f"clean accuracy on {n} {rule.split} images"
+        else:
+            harm = {"fooling_rate": "misclassification (prediction ≠ true label)",
+                    "flip_rate": "changed predictions (prediction ≠ clean prediction)",
+                    "targeted_success_rate": f"forced prediction of {target or 'the target class'}",
+                    "uap_over_random": "a systematic weak direction (a UAP beats random noise of the same norm)"}
+            threat = f"{THREAT}, causing {harm[rule.metric]}"
+            algos = ", ".join(sorted({c.attack.algorithm for c in chosen})) or "no"
+            budgets = ", ".join(sorted({f"p = {fmt_norm(c.attack.norm)}, ζ = {fmt_pct(c.attack.zeta)}" for c in chosen}))
+            test = (f"{len(chosen)} UAP{'s' if len(chosen) != 1 else ''} crafted ({algos} algorithm; {budgets}) on "
+                    f"the {result.data.craft_split} split, {rule.metric} measured on {n} {rule.split} images")
+        if not rule.passed:
+            residual = ("Not acceptable under the policy: mitigate (e.g. adversarial retraining, input checks) and "
+                        "audit again before release.")
+        elif rule.metric == "clean_accuracy":
+            residual = f"Up to {fmt_pct(1 - rule.measured)} of {rule.split} images misclassified; accepted by the policy."
+        else:
+            residual = (f"Worst measured {fmt_pct(rule.measured)} (limit {fmt_pct(rule.limit)}), accepted by the policy; "
+                        "larger budgets, per-image attacks and other threats were not tested.")
+        rows.append({"rule": rule.name, "threat": threat, "test": test, "result": rule_comparison(rule),
+                     "passed": rule.passed, "residual": residual})
+    return rows
 
 
 def uap_figure(cell: CellResult, uap: np.ndarray) -> str:
@@ -368,7 +447,7 @@ def _cell_figures(cell: CellResult, result: AuditResult, run_dir: Path, splits: 
 def _environment() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    env.filters.update(pct=fmt_pct, rate=fmt_rate, num=fmt_num, db=fmt_db, seconds=fmt_seconds,
+    env.filters.update(pct=fmt_pct, pp=fmt_pp, rate=fmt_rate, num=fmt_num, db=fmt_db, seconds=fmt_seconds,
                        norm=fmt_norm, selectors=fmt_selectors, cell_label=cell_label, comparison=rule_comparison)
     return env
 
@@ -405,6 +484,8 @@ def render_html(result: AuditResult, run_dir: Path) -> str:
         policy_json=json.dumps(result.provenance.policy, indent=2, sort_keys=False, default=str),
         hardening=_hardening_view(result),
         transfer=_transfer_view(result, cells),
+        summary=_summary_view(result, cells),
+        traceability=_traceability(result),
     )
 
 
@@ -467,7 +548,7 @@ def _junit_suite(result: AuditResult, label: str) -> ET.Element:
             ET.SubElement(case, "system-out").text = _xml(detail)
         else:
             message = (f"{rule.metric} measured {fmt_pct(rule.measured)}, limit {rule.bound} {fmt_pct(rule.limit)}, "
-                       f"worst cell {rule.worst_cell or 'n/a'}")
+                       f"worst cell {rule.worst_cell or 'n/a'}{_rise(rule)}")
             ET.SubElement(case, "failure", message=_xml(message), type="ThresholdViolated").text = _xml(detail)
     return suite
 
@@ -483,6 +564,55 @@ def render_junit(result: AuditResult) -> str:
     root.extend(suites)
     ET.indent(root)
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
+
+
+# ---------------------------------------------------------------- Markdown summary (CI step summaries)
+
+def _md(text: Any) -> str:
+    """Text safe inside a Markdown table cell."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(result: AuditResult, report_link: str) -> str:
+    """A short Markdown summary for a CI page ($GITHUB_STEP_SUMMARY): verdict, failed rules measured vs limit,
+    and a link to the full report."""
+    prov = result.provenance
+    final = result.hardened or result
+    lines = [f"## auditkit: {_md(result.title)}: **{final.verdict}**", "",
+             f"Model `{_md(result.model.name)}` · policy `{_md(prov.policy_path or 'given as an object')}` "
+             f"(sha256 `{prov.policy_sha256[:16]}`) · seed {prov.seed} · "
+             f"{len(final.rules) - len(final.failed_rules)} of {len(final.rules)} rules passed"
+             + (" by the hardened model" if result.hardened else ""), ""]
+    if result.data.synthetic:
+        lines += ["> Synthetic data: the images audited are not patient data.", ""]
+    if final.failed_rules:
+        lines += ["| Failed rule | Measured | Limit | Worst cell |", "|---|---:|---:|---|"]
+        for r in final.failed_rules:
+            rise = r.increase is not None and r.increase > r.max_increase
+            measured = fmt_pct(r.measured) + (f" (rise {fmt_pp(r.increase)})" if rise else "")
+            limit = f"{r.bound} {fmt_pct(r.limit)}" + (f", rise ≤ {fmt_pp(r.max_increase)}" if rise else "")
+            lines.append(f"| {_md(r.name)} | {measured} | {limit} | {_md(r.increase_cell if rise else r.worst_cell or r.split)} |")
+        lines.append("")
+    if final.baseline is not None:
+        split = _held_out(final)
+        b = final.baseline
+        lines += [f"Change since the baseline audit (`{_md(b.model.name)}`, {b.verdict}, {b.started}), {split} split:",
+                  "", "| Cell | Baseline | This audit | Change |", "|---|---:|---:|---:|"]
+        lines += [f"| {_md(d.key)} | {fmt_pct(d.before)} | {fmt_pct(d.after)} | {fmt_pp(d.delta)} |"
+                  for d in b.deltas if d.split == split]
+        lines.append("")
+    label = report_link if "://" in report_link else Path(report_link).name
+    lines.append(f"Full report: [{_md(label)}]({report_link})")
+    return "\n".join(lines) + "\n"
+
+
+def report_link(run_dir: Path, url: str | None = None) -> str:
+    """Where the summary points: `url` when given (e.g. the CI run's artefacts page), else the path of the
+    run's report (HTML, else PDF, else results.json)."""
+    if url:
+        return url
+    found = [FILENAMES[f] for f in ("html", "pdf", "json") if (Path(run_dir) / FILENAMES[f]).is_file()]
+    return (Path(run_dir) / (found or [FILENAMES["json"]])[0]).as_posix()
 
 
 # ---------------------------------------------------------------- all of them

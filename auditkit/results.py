@@ -101,6 +101,15 @@ class CellResult:
         ev = self.evals[split]
         return ev.targeted_success_rate if self.attack.kind == "targeted" else ev.fooling_rate
 
+    def metric_value(self, metric: str, split: str) -> float:
+        """A threshold metric of this cell on one split (uap_over_random: headline minus its random control)."""
+        ev = self.evals[split]
+        if metric == "uap_over_random":
+            return self.headline(split).value - self.control_headline(split).value
+        if metric == "targeted_success_rate":
+            return ev.targeted_success_rate.value
+        return getattr(ev, metric).value
+
     def control_headline(self, split: str) -> Rate | None:
         c = self.controls.get(split)
         if c is None:
@@ -120,6 +129,9 @@ class RuleResult:
     worst_cell: str | None
     cells: list[str]
     passed: bool
+    max_increase: float | None = None  # the rule also bounds the rise since a baseline audit
+    increase: float | None = None  # the largest rise over the selected cells (None: no baseline given)
+    increase_cell: str | None = None
 
 
 @dataclass
@@ -208,6 +220,31 @@ class DeployParity:
 
 
 @dataclass
+class CellDelta:
+    """One cell's headline rate (R_f or R_s) on one split, in the baseline audit and in this one."""
+
+    key: str
+    split: str
+    before: float
+    after: float
+
+    @property
+    def delta(self) -> float:
+        return self.after - self.before
+
+
+@dataclass
+class BaselineComparison:
+    """This audit against an earlier one under the same policy (the last released model's)."""
+
+    source: str  # the baseline results.json as given
+    model: ModelInfo
+    verdict: str
+    started: str
+    deltas: list[CellDelta]
+
+
+@dataclass
 class AuditResult:
     title: str
     organisation: str
@@ -225,6 +262,7 @@ class AuditResult:
     crafted_on: ModelInfo | None = None  # the surrogate the UAPs were crafted on (None: the audited model)
     deploy: DeployParity | None = None
     transfer_models: list[ModelInfo] = field(default_factory=list)  # deploy + transfer targets, in cell.transfer
+    baseline: BaselineComparison | None = None  # --baseline: per-cell change since an earlier audit
 
     @property
     def failed_rules(self) -> list[RuleResult]:

@@ -23,7 +23,7 @@ def _apply(rule: Threshold, cells: Sequence[CellResult], clean: dict[str, SplitE
         measured, keys, worst = clean[rule.split].accuracy.value, [], None
     else:
         chosen = [c for c in cells if rule.selects(c.attack)]
-        values = [(_value(rule.metric, c, rule.split), c.key) for c in chosen]
+        values = [(c.metric_value(rule.metric, rule.split), c.key) for c in chosen]
         measured, worst = (max if bound == "max" else min)(values)
         keys = [c.key for c in chosen]
     passed = measured <= rule.limit if bound == "max" else measured >= rule.limit
@@ -32,11 +32,3 @@ def _apply(rule: Threshold, cells: Sequence[CellResult], clean: dict[str, SplitE
     return RuleResult(name=rule.name, metric=rule.metric, split=rule.split, selectors=selectors, bound=bound,
                       limit=rule.limit, measured=float(measured), worst_cell=worst, cells=keys, passed=bool(passed))
 
-
-def _value(metric: str, cell: CellResult, split: str) -> float:
-    ev = cell.evals[split]
-    if metric == "uap_over_random":
-        return cell.headline(split).value - cell.control_headline(split).value
-    if metric == "targeted_success_rate":
-        return ev.targeted_success_rate.value
-    return getattr(ev, metric).value

@@ -118,3 +118,19 @@ def json_without_times(path: Path) -> dict:
 
 
 np.set_printoptions(precision=4)
+
+
+@pytest.fixture(scope="session")
+def signed_run(tmp_path_factory, tiny_model, phantom_manifest):
+    """One audit of the tiny model, signed and with an SBOM: (run folder, public key, policy, its key pair folder).
+
+    Tests that change files work on copies."""
+    from auditkit import api
+    from auditkit.evidence import generate_keypair
+
+    d = tmp_path_factory.mktemp("signed")
+    generate_keypair(d / "audit.key", d / "audit.pub")
+    policy = write_policy(d / "policy.yaml")
+    api.run(tiny_model, policy, d / "out", data=phantom_manifest, formats=["html", "pdf", "json", "junit"],
+            sign_key=d / "audit.key", sbom=True)
+    return d / "out", d / "audit.pub", policy

@@ -124,6 +124,12 @@ def test_defaults():
         (edited(**{"data.max_images": {"val": 10}}), "data.max_images.val"),
         (edited(**{"hardening.attack": {"kind": "targeted", "target": "flu"}}), "hardening.attack.target"),
         (edited(version=2), "version"),
+        (edited(**{"thresholds.0.max_increase": 1.5}), "thresholds.0.max_increase"),
+        (edited(**{"thresholds.0.max_increase": 0.05, "thresholds.0.max": None, "thresholds.0.min": 0.1}),
+         "thresholds.0.max_increase"),
+        (edited(**{"report.signatories": [{"name": "A. Person"}]}), "report.signatories.0.role"),
+        (edited(**{"report.signatories": [{"name": "A", "role": "Reviewed by", "date": "March"}]}),
+         "report.signatories.0.date"),
     ],
 )
 def test_bad_fields_name_their_key_path(tmp_path, data, path):
@@ -219,3 +225,20 @@ def test_sha256_stable_and_sensitive(tmp_path):
     changed = text.replace("max_iter: 15", "max_iter: 14")
     assert changed != text
     assert load_policy(write(tmp_path, changed, "c.yaml")).sha256() != first
+
+
+def test_max_increase_is_refused_on_clean_accuracy_and_named_in_the_default_rule_name():
+    data = edited(**{"thresholds.0.max_increase": 0.05})
+    assert parse_policy(data).thresholds[0].name == "fooling_rate (test, all cells) <= 0.3, rise <= 0.05"
+    bad = copy.deepcopy(MINIMAL)
+    bad["thresholds"] = [{"metric": "clean_accuracy", "split": "test", "min": 0.5, "max_increase": 0.05}]
+    with pytest.raises(AuditkitError, match="thresholds.0.max_increase: bounds the rise of an attack metric"):
+        parse_policy(bad, "p.yaml")
+
+
+def test_a_recorded_policy_parses_back_to_the_same_digest():
+    from auditkit.policy import policy_from_record
+
+    sgd = parse_policy(edited(**{"attacks.0.algorithm": "sgd", "attacks.0.sgd": {"batch_size": 8}}))
+    for policy in [sgd, *(load_policy(POLICIES / f"{name}.yaml") for name in ("paper", "quick", "release-gate"))]:
+        assert policy_from_record(policy.model_dump(mode="json"), "results.json").sha256() == policy.sha256()

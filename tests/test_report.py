@@ -224,7 +224,7 @@ def test_write_reports_rejects_unknown_format(tmp_path):
 def test_pdf_text_has_verdict_and_table_numbers(written):
     result, _, paths = written
     text = pdftotext(paths["pdf"])
-    assert "FAIL" in text and "Verdict" in text
+    assert "FAIL" in text and "Summary" in text
     assert rate_str(result.cells[0].evals["test"].fooling_rate) in text
     assert result.provenance.policy_sha256 in text
 
@@ -262,3 +262,59 @@ def test_report_module_does_not_import_tensorflow():
     code = "import sys, auditkit.report; sys.exit('tensorflow' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent.parent).returncode == 0
 
+
+
+def pdf_page(pdf: Path, page: int) -> str:
+    pdftotext(pdf)  # skips where poppler is absent
+    return subprocess.run(["pdftotext", "-layout", "-f", str(page), "-l", str(page), str(pdf), "-"],
+                          capture_output=True, text=True, check=True).stdout
+
+
+def test_first_page_is_a_summary_with_an_empty_signature_block(written):
+    result, _, paths = written
+    first = " ".join(pdf_page(paths["pdf"], 1).split())
+    for heading in ("Summary", "What was tested", "Worst finding", "Acceptance criteria", "Limits", "Signatures",
+                    "Prepared by", "Reviewed by", "not formal verification"):
+        assert heading in first, heading
+    assert "FAIL" in first and result.provenance.policy_sha256 in first.replace(" ", "")  # a hash may wrap
+    worst = result.cells[0].evals["test"].fooling_rate  # the nontargeted cell's 44/50 beats the targeted 29/50
+    assert f"R_f = {rate_str(worst)} on the test split" in first
+    assert "Identification" not in first and "1. Threshold rules" not in first
+
+
+def test_signatories_of_the_policy_fill_the_signature_block(tmp_path):
+    result = make_result(tmp_path)
+    result.provenance.policy["report"] = {"signatories": [
+        {"name": "Dr. A. Reviewer", "role": "Reviewed by (clinical safety)", "date": "2025-02-03"},
+        {"name": "B. Engineer", "role": "Prepared by", "date": None}]}
+    html = report.render_html(result, tmp_path)
+    block = html[html.index('<table class="signatures">'):]
+    block = block[:block.index("</table>")]
+    rows = re.findall(r"<tr><td>(.*?)</td><td>(.*?)</td><td>(.*?)</td>", block)
+    assert rows == [("Reviewed by (clinical safety)", "Dr. A. Reviewer", "2025-02-03"), ("Prepared by", "B. Engineer", "")]
+
+
+def test_traceability_has_one_row_per_rule_with_residual_risk(tmp_path):
+    result = make_result(tmp_path)
+    rows = report._traceability(result)
+    assert [r["rule"] for r in rows] == [r.name for r in result.rules]
+    failed, targeted = rows[0], rows[1]
+    assert not failed["passed"] and failed["residual"].startswith("Not acceptable")
+    assert "universal adversarial perturbation" in failed["threat"] and "misclassification" in failed["threat"]
+    assert "forced prediction of COVID-19" in targeted["threat"] and "on 50 test images" in targeted["test"]
+    assert targeted["passed"] and "accepted by the policy" in targeted["residual"]
+    html = report.render_html(result, tmp_path)
+    assert html.count("Not acceptable under the policy") == 1
+
+
+def test_markdown_summary_lists_failed_rules_measured_against_limit(tmp_path):
+    result = make_result(tmp_path)
+    result.rules[0].name = "fooling | nontargeted"
+    md = report.render_markdown(result, report.report_link(tmp_path, "https://ci.example/run/7"))
+    assert md.startswith("## auditkit: UAP robustness audit: **FAIL**")
+    rule = result.rules[0]
+    assert f"| fooling \\| nontargeted | {pct(rule.measured)} | max {pct(rule.limit)} | {rule.worst_cell} |" in md
+    assert md.count("\n| ") == 2  # header and the one failed rule
+    assert "Full report: [https://ci.example/run/7](https://ci.example/run/7)" in md and "Synthetic data" in md
+    (tmp_path / "report.pdf").write_bytes(b"%PDF")
+    assert report.report_link(tmp_path) == (tmp_path / "report.pdf").as_posix()
