@@ -437,7 +437,7 @@ def run_case(case: Case, d: Path, cache: Path) -> dict:
     env = dict(os.environ, PYTHONPATH=str(REPO), AUDITKIT_CACHE=str(cache), COLUMNS="100")
     with open(err_file, "wb") as err:
         proc = subprocess.run([sys.executable, "-m", "auditkit", *args], stdout=subprocess.PIPE, stderr=err,
-                              stdin=subprocess.DEVNULL, timeout=120)
+                              stdin=subprocess.DEVNULL, timeout=120, env=env)
     return {"code": proc.returncode, "stdout": proc.stdout.decode(errors="replace"),
             "stderr": err_file.read_text(errors="replace")}
 
