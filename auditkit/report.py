@@ -281,12 +281,12 @@ def _summary_view(result: AuditResult, cells: list[CellResult]) -> dict[str, Any
     """The one-page summary: what was tested, the worst finding, the acceptance criteria."""
     split = _held_out(result)
     rated = [(c, c.headline(split)) for c in cells if split in c.evals]
-    worst = max(rated, key=lambda cr: (cr[1].value, cr[0].kind == "nontargeted"), default=None)
+    worst = max(rated, key=lambda cr: (cr[1].value, cr[0].attack.kind == "nontargeted"), default=None)
     failed = sorted(result.failed_rules, key=lambda r: abs(r.measured - r.limit), reverse=True)
     return {
         "split": split,
         "worst": worst and {"cell": worst[0], "rate": worst[1], "control": worst[0].control_headline(split),
-                            "metric": "R_s" if worst[0].kind == "targeted" else "R_f"},
+                            "metric": "R_s" if worst[0].attack.kind == "targeted" else "R_f"},
         "worst_rule": failed[0] if failed else None,
         "images": {s: e.n for s, e in result.clean.items()},
         "kinds": sorted({c.attack.kind for c in cells}),
