@@ -20,6 +20,7 @@ from .errors import AuditkitError
 from .fileio import atomic_write_text, sha256_files
 from .policy import canonical_sha256
 from .results import AuditResult
+from .staging import LOCK_NAME
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://auditkit.dev/attestation/uap-audit/v1"
@@ -75,9 +76,10 @@ def _library_versions() -> dict[str, str]:
 
 
 def _output_digests(run_dir: Path) -> dict[str, str]:
-    """sha256 of every output file below run_dir: all but the evidence itself and hardening checkpoints."""
+    """sha256 of every output file below run_dir: all but the evidence itself, hardening checkpoints and the
+    staging folder's lock (which stays behind when the run is published)."""
     return {name: digest for name, digest in sha256_files(run_dir).items()
-            if name != EVIDENCE_FILE and name.split("/")[0] != CHECKPOINTS}
+            if name not in (EVIDENCE_FILE, LOCK_NAME) and name.split("/")[0] != CHECKPOINTS}
 
 
 def write_evidence(result: AuditResult, run_dir: Path, policy_text: str, signing_key=None) -> Path:

@@ -660,5 +660,5 @@ def test_stale_staging_folders_are_removed_and_a_live_ones_kept(world, tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "removed '.out.partial-dead'" in proc.stderr and "removed '.out.partial-old'" in proc.stderr
     assert not dead.exists() and not unlocked.exists() and (live / "junk.npy").exists()
-    assert sorted(p.name for p in (w / "out").iterdir()) == ["results.json", "samples", "uaps"]
+    assert sorted(p.name for p in (w / "out").iterdir()) == ["evidence.json", "results.json", "samples", "uaps"]
     assert [p.name for p in w.glob(".out.partial-*")] == [live.name]
