@@ -75,7 +75,7 @@ class PaperUAP:
         """Craft one UAP on `images` (float32 N x H x W in [0, 1]); `rng` draws each pass's visiting order."""
         s = self.settings
         criterion = criterion_for(s, model.classes)
-        with prepared(model, images, criterion, clean_pred, s.norm, s.clip) as (loop, held, n, rho):
+        with prepared(model, images, criterion, clean_pred, s.norm, s.clip, s.step_norm) as (loop, held, n, rho):
             return self._craft(loop, held, n, rho, check_budget(xi), rng)
 
     def _craft(self, loop: LoopOps, held: tuple, n: int, rho, budget: float, rng: np.random.Generator,

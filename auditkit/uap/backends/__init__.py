@@ -40,14 +40,16 @@ class LoopOps(Protocol):
         (rho, velocity, whether each image was fooled before the step)."""
 
 
-def loop_ops(model: ModelAdapter, norm: str, clip: bool, criterion: Criterion) -> LoopOps:
+def loop_ops(model: ModelAdapter, norm: str, clip: bool, criterion: Criterion, step_norm: str = "inf") -> LoopOps:
+    """The loop for `model`: projection onto the `norm` ball; the paper loop's FGSM step along `step_norm`'s
+    direction (sign or unit L2); SGD steps along the budget norm's."""
     if isinstance(model, TFAdapter):
         from .tf import compiled_loop
 
-        return compiled_loop(model, norm, clip, criterion)
+        return compiled_loop(model, norm, clip, criterion, step_norm)
     from .numpy import ArrayLoop
 
-    return ArrayLoop(model, norm, clip, criterion)
+    return ArrayLoop(model, norm, clip, criterion, step_norm)
 
 
 class _HeldSets:
@@ -80,14 +82,14 @@ _HELD = _HeldSets()
 
 @contextlib.contextmanager
 def prepared(model: ModelAdapter, images: np.ndarray, criterion: Criterion, clean_pred: np.ndarray | None,
-             norm: str, clip: bool):
+             norm: str, clip: bool, step_norm: str = "inf"):
     """(the loop ops; the checked images and the labels the criterion compares predictions with, held for its calls;
     the number of images; a zero rho) for one crafting run."""
     model.require_gradients()
     images = model.check_images(images)
     if clean_pred is None:
         clean_pred = model.predict(images)
-    loop = loop_ops(model, norm, clip, criterion)
+    loop = loop_ops(model, norm, clip, criterion, step_norm)
     labels = criterion.labels(np.asarray(clean_pred)).astype(np.int32)
     with _HELD.use(loop, images) as held_images:
         yield loop, (held_images, *loop.hold(labels)), len(images), np.zeros(images.shape[1:], np.float32)
