@@ -16,7 +16,8 @@ from rich.table import Table
 from .errors import AuditkitError
 
 EXIT_CODES = """Exit codes: 0 every threshold passed · 1 a threshold failed · 2 bad input or usage (one line naming
-what and where) · 3 internal error (a bug: rerun with --debug and report it)."""
+what and where) · 3 internal error (a bug: rerun with --debug and report it) · 4 inconclusive: no threshold
+failed, but an attack-strength check did (the attack did not show it worked), so nothing passed."""
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help=f"Audit image classifiers against universal adversarial perturbations.\n\n{EXIT_CODES}")
@@ -28,6 +29,7 @@ app.add_typer(zoo_app, name="zoo")
 console = Console(stderr=True, markup=False)
 out = Console(markup=False)
 STATE = {"debug": False}
+STATUS_COLOURS = {"PASS": "green", "FAIL": "bold red", "INCONCLUSIVE": "bold yellow"}
 FORMATS = ("html", "pdf", "json", "junit")
 
 
@@ -146,6 +148,8 @@ def run(
                                                  "on (repeatable): a transferability matrix."),
     jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Cells crafted at a time (default: one "
                                        "per CPU core); the results do not depend on it."),
+    allow_inconclusive: bool = typer.Option(False, "--allow-inconclusive", help="Exit 0 on an INCONCLUSIVE "
+                                            "verdict (research runs; never for a release gate)."),
     model_spec: Optional[Path] = SPEC_OPTS["model_spec"], classes: Optional[str] = SPEC_OPTS["classes"],
     input_size: Optional[int] = SPEC_OPTS["input_size"], channels: Optional[int] = SPEC_OPTS["channels"],
     scale: Optional[float] = SPEC_OPTS["scale"], output: Optional[str] = SPEC_OPTS["output"],
@@ -168,7 +172,7 @@ def run(
         out.print("after hardening:")
         _print_summary(result.hardened, out_dir / "after-hardening")
     final = result.hardened or result
-    raise typer.Exit(0 if final.verdict == "PASS" else 1)
+    raise typer.Exit({"PASS": 0, "FAIL": 1, "INCONCLUSIVE": 0 if allow_inconclusive else 4}[final.verdict])
 
 
 def _log(message: str) -> None:
@@ -326,10 +330,11 @@ def _print_summary(result, out_dir: Path) -> None:
         table.add_row(*row)
     out.print(table)
     for r in result.rules:
-        mark = "[green]PASS[/]" if r.passed else "[bold red]FAIL[/]"
+        mark = f"[{STATUS_COLOURS[r.status]}]{r.status}[/]"
+        checks = f"; failed checks: {escape(', '.join(r.failed_checks))}" if r.failed_checks else ""
         out.print(f"{mark} {escape(r.name)}: measured {r.measured:.3f} ({escape(r.worst_cell or r.split)}), "
-                  f"{r.bound} {r.limit:g}", highlight=False, markup=True)
-    colour = "green" if result.verdict == "PASS" else "bold red"
+                  f"{r.bound} {r.limit:g}{checks}", highlight=False, markup=True)
+    colour = STATUS_COLOURS[result.verdict]
     out.print(f"verdict: [{colour}]{result.verdict}[/]  ->  {escape(str(out_dir))}", markup=True)
 
 

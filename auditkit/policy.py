@@ -269,12 +269,21 @@ class ReportConfig(_Model):
     formats: UniqueList[ReportFormat] = ["html", "pdf", "json", "junit"]
 
 
+class Strength(_Model):
+    """Attack-strength checks (auditkit.strength): a rule whose cells fail one is INCONCLUSIVE, never PASS."""
+
+    alpha: float = Field(0.01, gt=0, lt=1)  # beats noise: paired exact test's one-sided p below this
+    reach_zeta: Zeta = 0.10  # reachability: a UAP crafted at this budget...
+    reach_rate: float = Field(0.9, gt=0, le=1)  # ...must reach this rate on the crafting set
+
+
 class Policy(_Model):
     version: Literal[1]
     seed: int = Field(0, ge=0)
     data: DataConfig = Field(default_factory=DataConfig)
     attacks: Annotated[list[AttackGrid], Field(min_length=1)]
     random_controls: RandomControls = Field(default_factory=RandomControls)
+    strength: Strength = Field(default_factory=Strength)
     thresholds: list[Threshold] = []
     hardening: Hardening = Field(default_factory=Hardening)
     transfer: list[Name] = []  # other models (zoo names or paths) every UAP is also evaluated on

@@ -448,7 +448,7 @@ def _junit_suite(result: AuditResult, label: str) -> ET.Element:
     prov = result.provenance
     suite = ET.Element("testsuite", {
         "name": _xml(f"auditkit: {result.title}{label}"), "tests": str(len(result.rules)),
-        "failures": str(len(result.failed_rules)), "errors": "0", "skipped": "0",
+        "failures": str(len(result.failed_rules)), "errors": str(len(result.inconclusive_rules)), "skipped": "0",
         "time": f"{prov.seconds:.3f}", "timestamp": _xml(prov.started)})
     props = ET.SubElement(suite, "properties")
     entries = [("verdict", result.verdict), ("model", result.model.name)]
@@ -463,8 +463,11 @@ def _junit_suite(result: AuditResult, label: str) -> ET.Element:
         detail = (f"{rule.metric} on {rule.split} ({fmt_selectors(rule.selectors)}), bound {rule.bound}: "
                   f"{rule_comparison(rule)}; worst cell {rule.worst_cell or 'n/a'}; "
                   f"cells {', '.join(rule.cells) or 'none'}")
-        if rule.passed:
+        if rule.status == "PASS":
             ET.SubElement(case, "system-out").text = _xml(detail)
+        elif rule.status == "INCONCLUSIVE":
+            message = f"inconclusive: attack-strength checks failed ({'; '.join(rule.failed_checks)})"
+            ET.SubElement(case, "error", message=_xml(message), type="AttackStrengthCheckFailed").text = _xml(detail)
         else:
             message = (f"{rule.metric} measured {fmt_pct(rule.measured)}, limit {rule.bound} {fmt_pct(rule.limit)}, "
                        f"worst cell {rule.worst_cell or 'n/a'}")
