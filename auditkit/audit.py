@@ -139,7 +139,7 @@ class AuditRun:
                 _check_compatible(model, other)
         crafter = surrogate or model
         validate_against_classes(policy, classes)
-        if any(g.algorithm != "blackbox" for g in policy.attacks):
+        if any(a != "blackbox" for g in policy.attacks for a in g.crafted_with):
             crafter.require_gradients()
         cfg = policy.data
         splits = prepare_splits(cfg, policy.seed, model, dataset, progress)

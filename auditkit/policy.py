@@ -29,7 +29,7 @@ from pydantic import (
 
 from .errors import AuditkitError
 from .models.registry import ZOO_CLASSES, ZOO_NAMES
-from .uap.base import AttackSettings, Crafting, Kind, Norm, SGDSettings, Zeta
+from .uap.base import Algorithm, AttackSettings, Crafting, Kind, Norm, SGDSettings, Zeta
 
 DEFAULT_CLASSES = ZOO_CLASSES
 Metric = Literal["fooling_rate", "flip_rate", "targeted_success_rate", "clean_accuracy", "uap_over_random"]
@@ -114,27 +114,36 @@ class AttackGrid(Crafting):
     targets: Annotated[Literal["all"] | list[str], BeforeValidator(_targets)] = "all"
     norms: UniqueList[Norm]
     zetas: UniqueList[Zeta]
+    # every cell crafted with each of these (rules then judge the worst); unset: `algorithm` alone
+    algorithms: Annotated[UniqueList[Algorithm], Field(min_length=1)] | None = None
+
+    @property
+    def crafted_with(self) -> list[str]:
+        return list(self.algorithms) if self.algorithms is not None else [self.algorithm]
 
     @model_validator(mode="after")
     def _check(self) -> AttackGrid:
         if "targets" in self.model_fields_set and "targeted" not in self.kinds:
             raise _At(("targets",), "targets is set but kinds has no 'targeted'")
+        if self.algorithms is not None and "algorithm" in self.model_fields_set:
+            raise _At(("algorithms",), "give algorithm or algorithms, not both")
         for name in ("sgd", "blackbox"):
-            if name in self.model_fields_set and self.algorithm != name:
+            if name in self.model_fields_set and name not in self.crafted_with:
                 raise _At((name,), f"{name} settings are given but algorithm is {self.algorithm!r}; "
                                    f"set algorithm: {name} or drop them")
         return self
 
     def expand(self, classes: Sequence[str]) -> list[AttackSettings]:
-        """Cells in order kind, target, norm, zeta; targets 'all' means every class in `classes`."""
+        """Cells in order kind, target, norm, zeta, algorithm; targets 'all' means every class in `classes`."""
         targets = list(classes) if self.targets == "all" else self.targets
         crafting = dict(self.crafting())
         return [
-            AttackSettings(kind=kind, target=target, norm=norm, zeta=zeta, **crafting)
+            AttackSettings(kind=kind, target=target, norm=norm, zeta=zeta, **(crafting | {"algorithm": algorithm}))
             for kind in self.kinds
             for target in ([None] if kind == "nontargeted" else targets)
             for norm in self.norms
             for zeta in self.zetas
+            for algorithm in self.crafted_with
         ]
 
 
@@ -152,6 +161,7 @@ class Threshold(_Model):
     target: Name | None = None
     norm: Norm | None = None
     zeta: Zeta | None = None
+    algorithm: Algorithm | None = None  # unset: the worst over every algorithm a cell was crafted with
     max: float | None = None
     min: float | None = None
 
@@ -179,6 +189,7 @@ class Threshold(_Model):
             and (self.target is None or cell.target == self.target)
             and (self.norm is None or cell.norm == self.norm)
             and (self.zeta is None or math.isclose(cell.zeta, self.zeta, rel_tol=1e-9))
+            and (self.algorithm is None or cell.algorithm == self.algorithm)
         )
 
     @model_validator(mode="after")
@@ -190,7 +201,7 @@ class Threshold(_Model):
         if not low <= self.limit <= 1:
             raise _At((bound,), f"must be in [{low:g}, 1] for {self.metric}, got {self.limit!r}")
         if not self.per_cell:
-            for key in ("kind", "target", "norm", "zeta"):
+            for key in ("kind", "target", "norm", "zeta", "algorithm"):
                 if getattr(self, key) is not None:
                     raise _At((key,), "clean_accuracy is measured on clean images; remove this attack selector")
         if self.kind == "nontargeted" and self.metric == "targeted_success_rate":

@@ -240,6 +240,16 @@ def _hardening_view(result: AuditResult) -> dict[str, Any] | None:
     }
 
 
+def _worst_algorithms(cells: list[CellResult], split: str) -> list[dict[str, Any]]:
+    """Per cell crafted with several algorithms: each one's headline rate on `split` and the worst (highest)."""
+    groups: dict[str, list[CellResult]] = {}
+    for c in cells:
+        groups.setdefault(c.attack.model_copy(update={"algorithm": "paper"}).key, []).append(c)
+    return [{"label": cell_label(group[0]), "rates": {c.attack.algorithm: c.headline(split) for c in group},
+             "worst": max(group, key=lambda c: c.headline(split).value).attack.algorithm}
+            for group in groups.values() if len(group) > 1]
+
+
 def _transfer_view(result: AuditResult, cells: list[CellResult]) -> dict[str, Any] | None:
     """Transferability matrix on the held-out split: UAP (rows) x model (columns), audited model first."""
     if not result.transfer_models:
@@ -405,6 +415,7 @@ def render_html(result: AuditResult, run_dir: Path) -> str:
         policy_json=json.dumps(result.provenance.policy, indent=2, sort_keys=False, default=str),
         hardening=_hardening_view(result),
         transfer=_transfer_view(result, cells),
+        worst_algorithms=_worst_algorithms(cells, splits[-1]) if splits else [],
     )
 
 

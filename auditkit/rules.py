@@ -30,7 +30,7 @@ def _apply(rule: Threshold, cells: Sequence[CellResult], clean: dict[str, SplitE
         keys = [c.key for c in chosen]
     passed = measured <= rule.limit if bound == "max" else measured >= rule.limit
     selectors = {k: v for k, v in (("kind", rule.effective_kind), ("target", rule.target), ("norm", rule.norm),
-                                   ("zeta", rule.zeta)) if v is not None}
+                                   ("zeta", rule.zeta), ("algorithm", rule.algorithm)) if v is not None}
     return RuleResult(name=rule.name, metric=rule.metric, split=rule.split, selectors=selectors, bound=bound,
                       limit=rule.limit, measured=float(measured), worst_cell=worst, cells=keys, passed=bool(passed),
                       failed_checks=[f"{c.key}: {name}" for c in chosen if c.strength for name in c.strength.failed()])

@@ -127,3 +127,22 @@ def test_masked_gradients_fail_reachability_and_never_pass(tmp_path, tiny_model,
     assert code == 4 and results["verdict"] == "INCONCLUSIVE", output
     assert all(c["strength"]["reachable"] is False for c in results["cells"])
     assert any(check.endswith(": reachable") for check in results["rules"][0]["failed_checks"])
+
+
+def test_a_grid_with_two_algorithms_crafts_each_cell_twice_and_rules_judge_the_worst(tmp_path, tiny_model,
+                                                                                     phantom_manifest):
+    path = policy(tmp_path / "p.yaml", zetas=(0.1,))
+    path.write_text(path.read_text().replace("    max_iter: 3\n", "    max_iter: 3\n    algorithms: [paper, sgd]\n")
+                    .replace("    max: 1.0\n", "    max: 1.0\n  - name: paper only\n    metric: fooling_rate\n"
+                             "    split: test\n    algorithm: paper\n    max: 1.0\n"))
+    code, output = run_cli("run", "--model", tiny_model, "--policy", path, "--data", phantom_manifest,
+                           "--out", tmp_path / "out")
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    cells = {c["attack"]["algorithm"]: c for c in results["cells"]}
+    assert sorted(cells) == ["paper", "sgd"] and cells["sgd"]["key"] == "nontargeted_inf_z0.1_sgd", output
+    rates = {a: c["evals"]["test"]["fooling_rate"]["value"] for a, c in cells.items()}
+    worst, paper_only = results["rules"]
+    assert worst["measured"] == max(rates.values()) and len(worst["cells"]) == 2
+    assert paper_only["measured"] == rates["paper"] and paper_only["cells"] == ["nontargeted_inf_z0.1"]
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "Rules judge the worst" in html
