@@ -23,7 +23,8 @@ from .policy import DataConfig, Policy, validate_against_classes
 from .results import (AuditResult, CellResult, ControlSummary, DataInfo, DeployParity, Example, ModelInfo,
                       Provenance, SplitEval, TransferEval)
 from .rules import apply_rules, verdict
-from .strength import check_monotone, check_reachability, headline_success, paired_p_value, strength_of
+from .strength import (check_monotone, check_reachability, headline_success, paired_p_value, reach_rate,
+                       strength_of)
 from .uap import make_attack
 from .uap.base import AttackSettings, cell_rng
 from .uap.criteria import criterion_for
@@ -238,15 +239,14 @@ class AuditRun:
         return evals, controls, p_values
 
     def reach(self, settings: AttackSettings) -> float:
-        """The crafting-set rate (flip rate or R_s, as the loop counts it) of a UAP crafted with `settings`, from
-        its own seeded stream: the reachability check's craft."""
+        """The reachability check's craft: a UAP crafted with `settings` from its own seeded stream, and the rate
+        it reaches on the crafting set (see strength.reach_rate)."""
         xi, _ = xi_for(self.craft.images, settings.norm, settings.zeta)
         crafted = make_attack(settings).craft(self.crafter, self.craft.images, xi,
                                               cell_rng(self.seed, f"{settings.key}:reach"),
                                               clean_pred=self.craft.clean_pred)
-        criterion = criterion_for(settings, self.classes)
         pred = self.crafter.predict(perturb(self.craft.images, crafted.rho, settings.clip))
-        return float(np.mean(criterion.succeeded(pred, criterion.labels(self.craft.clean_pred))))
+        return reach_rate(pred, self.craft.clean_pred, self._target(settings))
 
     def _transfer_evals(self, settings: AttackSettings, rho: np.ndarray, other: ModelAdapter,
                         ) -> dict[str, TransferEval]:

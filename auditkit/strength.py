@@ -33,6 +33,19 @@ def paired_p_value(uap: np.ndarray, controls: Sequence[np.ndarray]) -> float:
     return sum(math.comb(n, k) for k in range(only_uap, n + 1)) / 2**n if n else 1.0
 
 
+def reach_rate(pred: np.ndarray, clean_pred: np.ndarray, target: int | None) -> float:
+    """R_s for a targeted UAP; for a nontargeted one the flip rate among images whose clean prediction is not the
+    class it sends most flipped images to: a UAP that sends everything to one class cannot flip that class's own
+    images, so on three balanced classes a perfect one flips 2/3 of them."""
+    if target is not None:
+        return float(np.mean(pred == target))
+    flipped = pred != clean_pred
+    if not flipped.any():
+        return 0.0
+    dominant = np.bincount(pred[flipped]).argmax()
+    return float(np.mean(flipped[clean_pred != dominant]))
+
+
 def strength_of(settings: AttackSettings, rho: np.ndarray, xi: float, p_values: dict[str, float],
                 alpha: float) -> StrengthChecks:
     """The checks one cell decides alone: moved (norm >= xi / 2) and beats noise (p < alpha on every split)."""

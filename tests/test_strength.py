@@ -33,7 +33,7 @@ attacks:
     eps: {eps}
     max_iter: 3
 random_controls: {{draws: 2}}
-strength: {{reach_zeta: 0.6, reach_rate: 0.6}}  # a nontargeted UAP flips at most 2 of 3 classes here
+strength: {{reach_zeta: 0.6}}
 thresholds:
   - name: fooling rate
     metric: fooling_rate
@@ -63,7 +63,7 @@ def test_a_working_attack_passes_every_check(tmp_path, tiny_model, phantom_manif
     for cell in results["cells"]:
         checks = cell["strength"]
         assert checks["moved"] and checks["beats_noise"] and checks["reachable"], checks
-        assert checks["reach_zeta"] == 0.6 and checks["reach_rate"] >= 0.6
+        assert checks["reach_zeta"] == 0.6 and checks["reach_rate"] >= 0.9
     assert small["strength"]["monotone"] is None and large["strength"]["monotone"] is True
     assert "Can this audit be trusted?" in (tmp_path / "out" / "report.html").read_text()
 
@@ -146,3 +146,13 @@ def test_a_grid_with_two_algorithms_crafts_each_cell_twice_and_rules_judge_the_w
     assert paper_only["measured"] == rates["paper"] and paper_only["cells"] == ["nontargeted_inf_z0.1"]
     html = (tmp_path / "out" / "report.html").read_text()
     assert "Rules judge the worst" in html
+
+
+def test_nontargeted_reach_counts_the_images_a_one_class_uap_can_flip():
+    from auditkit.strength import reach_rate
+
+    clean = np.array([0, 0, 1, 1, 2, 2])
+    assert reach_rate(np.full(6, 2), clean, None) == 1.0  # everything sent to class 2: its own images excepted
+    assert reach_rate(np.array([2, 0, 2, 1, 2, 2]), clean, None) == 0.5
+    assert reach_rate(clean, clean, None) == 0.0
+    assert reach_rate(np.full(6, 2), clean, 2) == 1.0 and reach_rate(clean, clean, 2) == pytest.approx(1 / 3)
