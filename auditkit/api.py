@@ -60,7 +60,7 @@ def run(model: str | Path | ModelAdapter, policy: str | Path | Policy, out_dir: 
         raise AuditkitError(f"must be a positive integer, got {jobs!r}", "jobs")
     adapter = model if isinstance(model, ModelAdapter) else load_model(model, spec_overrides)
     surrogate_model = load_model(surrogate) if surrogate is not None else None
-    if any(g.algorithm != "blackbox" for g in policy.attacks):
+    if any(a != "blackbox" for g in policy.attacks for a in g.crafted_with):
         (surrogate_model or adapter).require_gradients()
     hardening = policy.hardening.enabled if harden is None else harden
     if hardening:  # refuse before hours of auditing, not after

@@ -23,6 +23,8 @@ from .policy import DataConfig, Policy, validate_against_classes
 from .results import (AuditResult, CellResult, ControlSummary, DataInfo, DeployParity, Example, ModelInfo,
                       Provenance, SplitEval, TransferEval)
 from .rules import apply_rules, verdict
+from .strength import (check_monotone, check_reachability, headline_success, paired_p_value, reach_rate,
+                       strength_of)
 from .uap import make_attack
 from .uap.base import AttackSettings, cell_rng
 from .uap.criteria import criterion_for
@@ -97,6 +99,8 @@ def run_audit(policy: Policy, model: ModelAdapter, dataset: Dataset, *, syntheti
     run = AuditRun.prepare(policy, model, dataset, out_dir, progress, surrogate=surrogate, deploy=deploy,
                            transfer=transfer)
     cells = run.run_cells(policy.cells(run.classes), progress, log, jobs)
+    check_monotone(cells, run.eval_splits)
+    check_reachability(cells, run.reach, policy.strength.reach_zeta, policy.strength.reach_rate)
     rules = apply_rules(policy.thresholds, cells, run.clean)
     finished = datetime.now(timezone.utc)
     return AuditResult(
@@ -122,6 +126,7 @@ class AuditRun:
     eval_splits: list[str]
     seed: int
     control_draws: int
+    alpha: float  # beats-noise significance level
     out_dir: Path
     clean: dict[str, SplitEval] = field(default_factory=dict)
     others: dict[str, ModelAdapter] = field(default_factory=dict)  # deployed twin and transfer targets, by name
@@ -138,7 +143,7 @@ class AuditRun:
                 _check_compatible(model, other)
         crafter = surrogate or model
         validate_against_classes(policy, classes)
-        if any(g.algorithm != "blackbox" for g in policy.attacks):
+        if any(a != "blackbox" for g in policy.attacks for a in g.crafted_with):
             crafter.require_gradients()
         cfg = policy.data
         splits = prepare_splits(cfg, policy.seed, model, dataset, progress)
@@ -148,7 +153,7 @@ class AuditRun:
         others = {m.name: m for m in ([deploy] if deploy else []) + list(transfer)}
         return cls(model=model, crafter=crafter, classes=classes, splits=splits, craft=craft,
                    eval_splits=list(cfg.eval_splits), seed=policy.seed, control_draws=policy.random_controls.draws,
-                   out_dir=out_dir,
+                   alpha=policy.strength.alpha, out_dir=out_dir,
                    clean={name: evaluate(splits[name], None, classes) for name in cfg.eval_splits}, others=others,
                    other_clean={name: {s: m.predict(splits[s].images) for s in cfg.eval_splits}
                                 for name, m in others.items()})
@@ -193,13 +198,14 @@ class AuditRun:
         rho = crafted.rho
         uap_file = f"uaps/{settings.key}.npy"
         _save_npy(self.out_dir / uap_file, rho)
-        evals, controls = self._evaluate(settings, rho, xi, rng, progress)
+        evals, controls, p_values = self._evaluate(settings, rho, xi, rng, progress)
         result = CellResult(
             key=settings.key, attack=settings, xi=xi, mean_image_norm=mean_norm, seed=self.seed, uap_file=uap_file,
             uap_norm_l2=float(np.linalg.norm(rho)), uap_norm_linf=float(np.abs(rho).max()),
             passes=crafted.passes, crafting_rates=crafted.rates, visited=crafted.visited,
             gradient_steps=crafted.steps, seconds=crafted.seconds, queries=crafted.queries,
-            evals=evals, controls=controls, examples=self._examples(settings, rho))
+            evals=evals, controls=controls, examples=self._examples(settings, rho),
+            strength=strength_of(settings, rho, xi, p_values, self.alpha))
         result.transfer = {name: self._transfer_evals(settings, rho, m) for name, m in self.others.items()}
         return result
 
@@ -207,27 +213,43 @@ class AuditRun:
         return None if settings.target is None else self.classes.index(settings.target)
 
     def _evaluate(self, settings: AttackSettings, rho: np.ndarray, xi: float, rng: np.random.Generator,
-                  progress: Progress) -> tuple[dict[str, SplitEval], dict[str, ControlSummary]]:
-        """The UAP and its random controls (drawn from the cell's stream after crafting) on every evaluated split."""
+                  progress: Progress) -> tuple[dict[str, SplitEval], dict[str, ControlSummary], dict[str, float]]:
+        """The UAP and its random controls (drawn from the cell's stream after crafting) on every evaluated split,
+        and per split the paired test's p that the UAP succeeds on more of the same images than the controls."""
         target = self._target(settings)
         progress.start(f"{settings.key}: evaluating", len(self.eval_splits) * (1 + self.control_draws))
-        evals, controls, done = {}, {}, 0
+        evals, controls, p_values, done = {}, {}, {}, 0
         controls_rho = [random_control(rho.shape, settings.norm, xi, rng) for _ in range(self.control_draws)]
         for name in self.eval_splits:
             split = self.splits[name]
-            evals[name] = evaluate(split, rho, self.classes, model=self.model, clip=settings.clip, target=target)
+            pred = self.model.predict(perturb(split.images, rho, settings.clip))
+            evals[name] = evaluate(split, rho, self.classes, model=self.model, clip=settings.clip, target=target,
+                                   adv_pred=pred)
             done += 1
             progress.update(done)
-            draws = []
+            draws, control_success = [], []
             for r in controls_rho:
+                control_pred = self.model.predict(perturb(split.images, r, settings.clip))
+                control_success.append(headline_success(control_pred, split.labels, target))
                 draws.append(evaluate(split, r, self.classes, model=self.model, clip=settings.clip, target=target,
-                                      perceptibility=False))
+                                      adv_pred=control_pred, perceptibility=False))
                 done += 1
                 progress.update(done)
             if draws:
                 controls[name] = _summarise_controls(name, draws)
+            p_values[name] = paired_p_value(headline_success(pred, split.labels, target), control_success)
         progress.done()
-        return evals, controls
+        return evals, controls, p_values
+
+    def reach(self, settings: AttackSettings) -> float:
+        """The reachability check's craft: a UAP crafted with `settings` from its own seeded stream, and the rate
+        it reaches on the crafting set (see strength.reach_rate)."""
+        xi, _ = xi_for(self.craft.images, settings.norm, settings.zeta)
+        crafted = make_attack(settings).craft(self.crafter, self.craft.images, xi,
+                                              cell_rng(self.seed, f"{settings.key}:reach"),
+                                              clean_pred=self.craft.clean_pred)
+        pred = self.crafter.predict(perturb(self.craft.images, crafted.rho, settings.clip))
+        return reach_rate(pred, self.craft.clean_pred, self._target(settings))
 
     def _transfer_evals(self, settings: AttackSettings, rho: np.ndarray, other: ModelAdapter,
                         ) -> dict[str, TransferEval]:

@@ -24,8 +24,9 @@ from .messages import escape as one_line
 from .quiet import silence_third_party
 
 EXIT_CODES = """Exit codes: 0 every threshold passed · 1 a threshold failed · 2 bad input or usage (one line naming
-what and where) · 3 internal error (a bug: rerun with --debug and report it) · 5 verify: a file or field differs
-from the evidence · 6 verify --recompute: a cell was not reproduced."""
+what and where) · 3 internal error (a bug: rerun with --debug and report it) · 4 inconclusive: no threshold
+failed, but an attack-strength check did (the attack did not show it worked), so nothing passed · 5 verify: a
+file or field differs from the evidence · 6 verify --recompute: a cell was not reproduced."""
 VERIFY_FAILED, NOT_REPRODUCED = 5, 6
 
 # typer >= 0.24 carries its own copy of click, whose exceptions derive from TyperException
@@ -65,6 +66,7 @@ app.add_typer(zoo_app, name="zoo")
 console = Console(stderr=True, markup=False)
 out = Console(markup=False)
 STATE = {"debug": False}
+STATUS_COLOURS = {"PASS": "green", "FAIL": "bold red", "INCONCLUSIVE": "bold yellow"}
 FORMATS = ("html", "pdf", "json", "junit")
 
 
@@ -230,6 +232,8 @@ def run(
                                             "max_increase fail where a cell got worse by more."),
     report_url: Optional[str] = typer.Option(None, "--report-url", help="Link the Markdown summary to this URL "
                                              "(e.g. the CI run's artefacts) instead of the report's path."),
+    allow_inconclusive: bool = typer.Option(False, "--allow-inconclusive", help="Exit 0 on an INCONCLUSIVE "
+                                            "verdict (research runs; never for a release gate)."),
     model_spec: Optional[Path] = SPEC_OPTS["model_spec"], classes: Optional[str] = SPEC_OPTS["classes"],
     input_size: Optional[int] = SPEC_OPTS["input_size"], channels: Optional[int] = SPEC_OPTS["channels"],
     scale: Optional[float] = SPEC_OPTS["scale"], output: Optional[str] = SPEC_OPTS["output"],
@@ -263,7 +267,7 @@ def run(
         out.print("after hardening:")
         _print_summary(result.hardened, out_dir / "after-hardening")
     final = result.hardened or result
-    raise typer.Exit(0 if final.verdict == "PASS" else 1)
+    raise typer.Exit({"PASS": 0, "FAIL": 1, "INCONCLUSIVE": 0 if allow_inconclusive else 4}[final.verdict])
 
 
 def _log(message: str) -> None:
@@ -477,12 +481,13 @@ def _print_summary(result, out_dir: Path) -> None:
         table.add_row(*row)
     out.print(table)
     for r in result.rules:
-        mark = "[green]PASS[/]" if r.passed else "[bold red]FAIL[/]"
+        mark = f"[{STATUS_COLOURS[r.status]}]{r.status}[/]"
         rise = "" if r.increase is None else \
             f"; rise {r.increase:+.3f} ({escape(r.increase_cell)}), max_increase {r.max_increase:g}"
+        checks = f"; failed checks: {escape(', '.join(r.failed_checks))}" if r.failed_checks else ""
         out.print(f"{mark} {escape(r.name)}: measured {r.measured:.3f} ({escape(r.worst_cell or r.split)}), "
-                  f"{r.bound} {r.limit:g}{rise}", highlight=False, markup=True)
-    colour = "green" if result.verdict == "PASS" else "bold red"
+                  f"{r.bound} {r.limit:g}{rise}{checks}", highlight=False, markup=True)
+    colour = STATUS_COLOURS[result.verdict]
     out.print(f"verdict: [{colour}]{result.verdict}[/]  ->  {escape(str(out_dir))}", markup=True)
 
 

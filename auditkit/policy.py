@@ -30,7 +30,7 @@ from pydantic import (
 
 from .errors import AuditkitError
 from .models.registry import ZOO_CLASSES, ZOO_NAMES
-from .uap.base import AttackSettings, BlackBoxSettings, Crafting, Kind, Norm, SGDSettings, Zeta
+from .uap.base import Algorithm, AttackSettings, BlackBoxSettings, Crafting, Kind, Norm, SGDSettings, Zeta
 from .messages import quote, shown
 from .yaml_budget import check_expanded_size, read_text
 
@@ -117,27 +117,36 @@ class AttackGrid(Crafting):
     targets: Annotated[Literal["all"] | list[str], BeforeValidator(_targets)] = "all"
     norms: UniqueList[Norm]
     zetas: UniqueList[Zeta]
+    # every cell crafted with each of these (rules then judge the worst); unset: `algorithm` alone
+    algorithms: Annotated[UniqueList[Algorithm], Field(min_length=1)] | None = None
+
+    @property
+    def crafted_with(self) -> list[str]:
+        return list(self.algorithms) if self.algorithms is not None else [self.algorithm]
 
     @model_validator(mode="after")
     def _check(self) -> AttackGrid:
         if "targets" in self.model_fields_set and "targeted" not in self.kinds:
             raise _At(("targets",), "targets is set but kinds has no 'targeted'")
+        if self.algorithms is not None and "algorithm" in self.model_fields_set:
+            raise _At(("algorithms",), "give algorithm or algorithms, not both")
         for name in ("sgd", "blackbox"):
-            if name in self.model_fields_set and self.algorithm != name:
+            if name in self.model_fields_set and name not in self.crafted_with:
                 raise _At((name,), f"{name} settings are given but algorithm is {self.algorithm!r}; "
                                    f"set algorithm: {name} or drop them")
         return self
 
     def expand(self, classes: Sequence[str]) -> list[AttackSettings]:
-        """Cells in order kind, target, norm, zeta; targets 'all' means every class in `classes`."""
+        """Cells in order kind, target, norm, zeta, algorithm; targets 'all' means every class in `classes`."""
         targets = list(classes) if self.targets == "all" else self.targets
         crafting = dict(self.crafting())
         return [
-            AttackSettings(kind=kind, target=target, norm=norm, zeta=zeta, **crafting)
+            AttackSettings(kind=kind, target=target, norm=norm, zeta=zeta, **(crafting | {"algorithm": algorithm}))
             for kind in self.kinds
             for target in ([None] if kind == "nontargeted" else targets)
             for norm in self.norms
             for zeta in self.zetas
+            for algorithm in self.crafted_with
         ]
 
 
@@ -155,6 +164,7 @@ class Threshold(_Model):
     target: Name | None = None
     norm: Norm | None = None
     zeta: Zeta | None = None
+    algorithm: Algorithm | None = None  # unset: the worst over every algorithm a cell was crafted with
     max: float | None = None
     min: float | None = None
     max_increase: float | None = Field(None, ge=0, le=1)  # the most the metric may rise since --baseline's audit
@@ -183,6 +193,7 @@ class Threshold(_Model):
             and (self.target is None or cell.target == self.target)
             and (self.norm is None or cell.norm == self.norm)
             and (self.zeta is None or math.isclose(cell.zeta, self.zeta, rel_tol=1e-9))
+            and (self.algorithm is None or cell.algorithm == self.algorithm)
         )
 
     @model_validator(mode="after")
@@ -194,7 +205,7 @@ class Threshold(_Model):
         if not low <= self.limit <= 1:
             raise _At((bound,), f"must be in [{low:g}, 1] for {self.metric}, got {self.limit!r}")
         if not self.per_cell:
-            for key in ("kind", "target", "norm", "zeta"):
+            for key in ("kind", "target", "norm", "zeta", "algorithm"):
                 if getattr(self, key) is not None:
                     raise _At((key,), "clean_accuracy is measured on clean images; remove this attack selector")
         if self.kind == "nontargeted" and self.metric == "targeted_success_rate":
@@ -298,12 +309,21 @@ class ReportConfig(_Model):
     signatories: list[Signatory] = []  # the report's signature block; empty lines to sign by hand when none
 
 
+class Strength(_Model):
+    """Attack-strength checks (auditkit.strength): a rule whose cells fail one is INCONCLUSIVE, never PASS."""
+
+    alpha: float = Field(0.01, gt=0, lt=1)  # beats noise: paired exact test's one-sided p below this
+    reach_zeta: Zeta = 0.10  # reachability: a UAP crafted at this budget...
+    reach_rate: float = Field(0.9, gt=0, le=1)  # ...must reach this rate on the crafting set
+
+
 class Policy(_Model):
     version: Literal[1]
     seed: int = Field(0, ge=0)
     data: DataConfig = Field(default_factory=DataConfig)
     attacks: Annotated[list[AttackGrid], Field(min_length=1)]
     random_controls: RandomControls = Field(default_factory=RandomControls)
+    strength: Strength = Field(default_factory=Strength)
     thresholds: list[Threshold] = []
     hardening: Hardening = Field(default_factory=Hardening)
     transfer: list[Name] = []  # other models (zoo names or paths) every UAP is also evaluated on

@@ -261,6 +261,16 @@ def _hardening_view(result: AuditResult) -> dict[str, Any] | None:
     }
 
 
+def _worst_algorithms(cells: list[CellResult], split: str) -> list[dict[str, Any]]:
+    """Per cell crafted with several algorithms: each one's headline rate on `split` and the worst (highest)."""
+    groups: dict[str, list[CellResult]] = {}
+    for c in cells:
+        groups.setdefault(c.attack.model_copy(update={"algorithm": "paper"}).key, []).append(c)
+    return [{"label": cell_label(group[0]), "rates": {c.attack.algorithm: c.headline(split) for c in group},
+             "worst": max(group, key=lambda c: c.headline(split).value).attack.algorithm}
+            for group in groups.values() if len(group) > 1]
+
+
 def _transfer_view(result: AuditResult, cells: list[CellResult]) -> dict[str, Any] | None:
     """Transferability matrix on the held-out split: UAP (rows) x model (columns), audited model first."""
     if not result.transfer_models:
@@ -486,6 +496,7 @@ def render_html(result: AuditResult, run_dir: Path) -> str:
         transfer=_transfer_view(result, cells),
         summary=_summary_view(result, cells),
         traceability=_traceability(result),
+        worst_algorithms=_worst_algorithms(cells, splits[-1]) if splits else [],
     )
 
 
@@ -529,7 +540,7 @@ def _junit_suite(result: AuditResult, label: str) -> ET.Element:
     prov = result.provenance
     suite = ET.Element("testsuite", {
         "name": _xml(f"auditkit: {result.title}{label}"), "tests": str(len(result.rules)),
-        "failures": str(len(result.failed_rules)), "errors": "0", "skipped": "0",
+        "failures": str(len(result.failed_rules)), "errors": str(len(result.inconclusive_rules)), "skipped": "0",
         "time": f"{prov.seconds:.3f}", "timestamp": _xml(prov.started)})
     props = ET.SubElement(suite, "properties")
     entries = [("verdict", result.verdict), ("model", result.model.name)]
@@ -544,8 +555,11 @@ def _junit_suite(result: AuditResult, label: str) -> ET.Element:
         detail = (f"{rule.metric} on {rule.split} ({fmt_selectors(rule.selectors)}), bound {rule.bound}: "
                   f"{rule_comparison(rule)}; worst cell {rule.worst_cell or 'n/a'}; "
                   f"cells {', '.join(rule.cells) or 'none'}")
-        if rule.passed:
+        if rule.status == "PASS":
             ET.SubElement(case, "system-out").text = _xml(detail)
+        elif rule.status == "INCONCLUSIVE":
+            message = f"inconclusive: attack-strength checks failed ({'; '.join(rule.failed_checks)})"
+            ET.SubElement(case, "error", message=_xml(message), type="AttackStrengthCheckFailed").text = _xml(detail)
         else:
             message = (f"{rule.metric} measured {fmt_pct(rule.measured)}, limit {rule.bound} {fmt_pct(rule.limit)}, "
                        f"worst cell {rule.worst_cell or 'n/a'}{_rise(rule)}")

@@ -74,6 +74,25 @@ class TransferEval:
 
 
 @dataclass
+class StrengthChecks:
+    """Whether a cell's UAP shows the attack worked (see auditkit.strength); None: the check did not run."""
+
+    uap_norm: float  # in the budget's norm
+    moved: bool  # uap_norm >= xi / 2
+    noise_p_values: dict[str, float]  # split -> one-sided exact McNemar p, UAP vs its random controls
+    beats_noise: bool | None  # p < alpha on every split (None: no random controls)
+    monotone: bool | None = None  # None: no cell differing only by a smaller zeta
+    reach_zeta: float | None = None
+    reach_rate: float | None = None  # crafting-set rate of a UAP crafted at reach_zeta
+    reachable: bool | None = None
+
+    def failed(self) -> list[str]:
+        """Names of the checks that ran and failed."""
+        names = ("moved", "beats_noise", "monotone", "reachable")
+        return [n for n in names if getattr(self, n) is False]
+
+
+@dataclass
 class CellResult:
     """One UAP of the attack grid: settings, crafting record and evaluation."""
 
@@ -95,6 +114,7 @@ class CellResult:
     gradient_steps: int = 0  # per-image (paper) or mini-batch (sgd) gradient steps
     transfer: dict[str, dict[str, TransferEval]] = field(default_factory=dict)  # model name -> split -> eval
     queries: int | None = None  # model queries spent (black-box crafting only)
+    strength: StrengthChecks | None = None
 
     def headline(self, split: str) -> Rate:
         """R_f for nontargeted cells, R_s for targeted ones."""
@@ -128,10 +148,17 @@ class RuleResult:
     measured: float  # the worst value over the selected cells
     worst_cell: str | None
     cells: list[str]
-    passed: bool
+    passed: bool  # the measured value is within the limit
     max_increase: float | None = None  # the rule also bounds the rise since a baseline audit
     increase: float | None = None  # the largest rise over the selected cells (None: no baseline given)
     increase_cell: str | None = None
+    failed_checks: list[str] = field(default_factory=list)  # "<cell>: <check>" for selected cells
+
+    @property
+    def status(self) -> str:
+        """FAIL where the limit is broken; INCONCLUSIVE where it holds but a selected cell's attack did not show
+        that it worked; else PASS."""
+        return "FAIL" if not self.passed else "INCONCLUSIVE" if self.failed_checks else "PASS"
 
 
 @dataclass
@@ -249,7 +276,7 @@ class AuditResult:
     title: str
     organisation: str
     intended_use: str
-    verdict: str  # PASS | FAIL
+    verdict: str  # PASS | FAIL | INCONCLUSIVE
     model: ModelInfo
     data: DataInfo
     clean: dict[str, SplitEval]
@@ -266,7 +293,11 @@ class AuditResult:
 
     @property
     def failed_rules(self) -> list[RuleResult]:
-        return [r for r in self.rules if not r.passed]
+        return [r for r in self.rules if r.status == "FAIL"]
+
+    @property
+    def inconclusive_rules(self) -> list[RuleResult]:
+        return [r for r in self.rules if r.status == "INCONCLUSIVE"]
 
     def cell(self, key: str) -> CellResult:
         for c in self.cells:

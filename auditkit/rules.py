@@ -13,14 +13,16 @@ def apply_rules(thresholds: Sequence[Threshold], cells: Sequence[CellResult],
 
 
 def verdict(rules: Sequence[RuleResult]) -> str:
-    return "PASS" if all(r.passed for r in rules) else "FAIL"
+    """FAIL if any rule failed, else INCONCLUSIVE if any rule's attack did not show it worked, else PASS."""
+    statuses = {r.status for r in rules}
+    return next((s for s in ("FAIL", "INCONCLUSIVE") if s in statuses), "PASS")
 
 
 def _apply(rule: Threshold, cells: Sequence[CellResult], clean: dict[str, SplitEval]) -> RuleResult:
     """The rule's metric over its cells, the worst of them against its limit."""
     bound = "max" if rule.max is not None else "min"
     if rule.metric == "clean_accuracy":
-        measured, keys, worst = clean[rule.split].accuracy.value, [], None
+        measured, keys, worst, chosen = clean[rule.split].accuracy.value, [], None, []
     else:
         chosen = [c for c in cells if rule.selects(c.attack)]
         values = [(c.metric_value(rule.metric, rule.split), c.key) for c in chosen]
@@ -28,7 +30,8 @@ def _apply(rule: Threshold, cells: Sequence[CellResult], clean: dict[str, SplitE
         keys = [c.key for c in chosen]
     passed = measured <= rule.limit if bound == "max" else measured >= rule.limit
     selectors = {k: v for k, v in (("kind", rule.effective_kind), ("target", rule.target), ("norm", rule.norm),
-                                   ("zeta", rule.zeta)) if v is not None}
+                                   ("zeta", rule.zeta), ("algorithm", rule.algorithm)) if v is not None}
     return RuleResult(name=rule.name, metric=rule.metric, split=rule.split, selectors=selectors, bound=bound,
-                      limit=rule.limit, measured=float(measured), worst_cell=worst, cells=keys, passed=bool(passed))
+                      limit=rule.limit, measured=float(measured), worst_cell=worst, cells=keys, passed=bool(passed),
+                      failed_checks=[f"{c.key}: {name}" for c in chosen if c.strength for name in c.strength.failed()])
 

@@ -78,6 +78,9 @@ class Crafting(Settings):
 
     algorithm: Algorithm = "paper"
     eps: float = Field(0.001, gt=0)  # the paper loop's inner FGSM step
+    # The inner step's norm, independent of the budget's: eps*sign(grad) as the authors' code (ART's FGSM default)
+    # for both budgets; "2" is the paper prose's normalised step, which at eps 0.001 never moves an L2 UAP.
+    step_norm: Norm = "inf"
     max_iter: int = Field(15, ge=1)  # passes (paper) or epochs (sgd, blackbox)
     delta: float = Field(1e-6, ge=0, lt=1)  # stop once the crafting rate reaches 1 - delta
     clip: bool = True  # x + rho clipped to [0, 1]; the paper did not clip
@@ -105,9 +108,12 @@ class AttackSettings(Crafting):
 
     @property
     def key(self) -> str:
-        """Stable, filename-safe id, e.g. "nontargeted_inf_z0.02" or "targeted-COVID-19_2_z0.01" (+ "_sgd")."""
+        """Stable, filename-safe id, e.g. "nontargeted_inf_z0.02" or "targeted-COVID-19_2_z0.01" (+ "_sgd", and
+        "_step2" where the inner step's norm is not the default)."""
         head = self.kind if self.target is None else f"targeted-{re.sub(r'[^A-Za-z0-9_.-]', '_', self.target)}"
         tail = "" if self.algorithm == "paper" else f"_{self.algorithm}"
+        if self.step_norm != Crafting.model_fields["step_norm"].default:
+            tail += f"_step{self.step_norm}"
         return f"{head}_{self.norm}_z{float(self.zeta)!r}{tail}"
 
     @property

@@ -42,14 +42,16 @@ class LoopOps(Protocol):
         (rho, velocity, whether each image was fooled before the step)."""
 
 
-def loop_ops(model: ModelAdapter, norm: str, clip: bool, criterion: Criterion) -> LoopOps:
+def loop_ops(model: ModelAdapter, norm: str, clip: bool, criterion: Criterion, step_norm: str = "inf") -> LoopOps:
+    """The loop for `model`: projection onto the `norm` ball; the paper loop's FGSM step along `step_norm`'s
+    direction (sign or unit L2); SGD steps along the budget norm's."""
     if isinstance(model, TFAdapter):
         from .tf import compiled_loop
 
-        return compiled_loop(model, norm, clip, criterion)
+        return compiled_loop(model, norm, clip, criterion, step_norm)
     from .numpy import ArrayLoop
 
-    return ArrayLoop(model, norm, clip, criterion)
+    return ArrayLoop(model, norm, clip, criterion, step_norm)
 
 
 class _HeldSets:
@@ -82,14 +84,14 @@ _HELD = _HeldSets()
 
 @contextlib.contextmanager
 def prepared(model: ModelAdapter, images: np.ndarray, criterion: Criterion, clean_pred: np.ndarray | None,
-             norm: str, clip: bool):
+             norm: str, clip: bool, step_norm: str = "inf"):
     """(the loop ops; the checked images and the labels the criterion compares predictions with, held for its calls;
     the number of images; a zero rho) for one crafting run."""
     model.require_gradients()
     images = model.check_images(images)
     if clean_pred is None:
         clean_pred = model.predict(images)
-    loop = loop_ops(model, norm, clip, criterion)
+    loop = loop_ops(model, norm, clip, criterion, step_norm)
     labels = criterion.labels(np.asarray(clean_pred)).astype(np.int32)
     with _HELD.use(loop, images) as held_images:
         yield loop, (held_images, *loop.hold(labels)), len(images), np.zeros(images.shape[1:], np.float32)
@@ -115,7 +117,7 @@ class LoopAttack:
         """Craft one UAP on `images` (float32 N x H x W in [0, 1]); every random draw from `rng`."""
         s = self.settings
         criterion = criterion_for(s, model.classes)
-        with prepared(model, images, criterion, clean_pred, s.norm, s.clip) as (loop, held, n, rho):
+        with prepared(model, images, criterion, clean_pred, s.norm, s.clip, s.step_norm) as (loop, held, n, rho):
             return self._craft(loop, held, n, rho, check_budget(xi), rng)
 
     def _craft(self, loop: LoopOps, held: tuple, n: int, rho: np.ndarray, budget: float,

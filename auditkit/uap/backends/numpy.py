@@ -10,8 +10,9 @@ from ..geometry import GRAD_NORM_FLOOR, project
 class ArrayLoop:
     """LoopOps (see backends) with the TF backend's semantics, image by image where it steps one image."""
 
-    def __init__(self, model, norm: str, clip: bool, criterion: Criterion):
+    def __init__(self, model, norm: str, clip: bool, criterion: Criterion, step_norm: str = "inf"):
         self._model, self._norm, self._clip, self._criterion = model, norm, clip, criterion
+        self._step_norm = step_norm
         self._floor = np.float32(GRAD_NORM_FLOOR)
 
     def hold(self, *arrays):
@@ -23,10 +24,10 @@ class ArrayLoop:
     def _predict(self, x):
         return np.argmax(self._model.log_probs(x), axis=1)
 
-    def _direction(self, g):
+    def _direction(self, g, norm):
         """Sign, or unit L2 length of one image's plane or of each plane of a batch (the norms reduced as TF reduces
         them in each case, so the two backends agree)."""
-        if self._norm == "inf":
+        if norm == "inf":
             return np.sign(g)
         if g.ndim == 2:
             return g / np.maximum(np.linalg.norm(g), self._floor)
@@ -34,7 +35,7 @@ class ArrayLoop:
 
     def _step(self, eps, g):
         """The FGSM step (targeted steps descend the target's cross-entropy)."""
-        return (-eps if self._criterion.targeted else eps) * self._direction(g)
+        return (-eps if self._criterion.targeted else eps) * self._direction(g, self._step_norm)
 
     def _one_step(self, images, labels, j, rho, xi, eps):
         """Check, gradient, step, check, project for one visited image -> (rho, was unfooled, accepted)."""
@@ -86,6 +87,6 @@ class ArrayLoop:
             g = g * ((v >= 0) & (v <= 1))
         grad = np.tensordot(weight / np.float32(len(y)), g, axes=1)
         velocity = momentum * velocity + grad / np.maximum(np.max(np.abs(grad)), self._floor)
-        direction = self._direction(velocity)
+        direction = self._direction(velocity, self._norm)
         was_fooled = self._criterion.succeeded(np.argmax(log_probs, axis=1), y)
         return project(rho + alpha * direction, self._norm, xi), velocity, was_fooled

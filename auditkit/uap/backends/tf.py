@@ -16,27 +16,29 @@ from ..criteria import Criterion
 from ..geometry import GRAD_NORM_FLOOR
 
 _LOCK = threading.Lock()
-# model -> {(norm, clip, targeted): (weights version, loop)}: concurrent cells share one loop, traced once
+# model -> {(norm, clip, targeted, step_norm): (weights version, loop)}: concurrent cells share one loop, traced once
 _LOOPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def compiled_loop(model: TFAdapter, norm: str, clip: bool, criterion: Criterion) -> TFLoop:
+def compiled_loop(model: TFAdapter, norm: str, clip: bool, criterion: Criterion, step_norm: str = "inf") -> TFLoop:
     """The traced loop for this model, traced again when its weights change (hardening trains in place)."""
-    key = (norm, clip, criterion.targeted)
+    key = (norm, clip, criterion.targeted, step_norm)
     version, log_probs = model.loop_log_probs()
     with _LOCK:
         cache = _LOOPS.setdefault(model, {})
         if key not in cache or cache[key][0] != version:
-            cache[key] = version, TFLoop(model, log_probs, norm, clip, criterion)
+            cache[key] = version, TFLoop(model, log_probs, norm, clip, criterion, step_norm)
         return cache[key][1]
 
 
 class TFLoop:
     """LoopOps (see backends) over a TF log-probability function of image-space batches."""
 
-    def __init__(self, model: TFAdapter, log_probs_of, norm: str, clip: bool, criterion: Criterion):
+    def __init__(self, model: TFAdapter, log_probs_of, norm: str, clip: bool, criterion: Criterion,
+                 step_norm: str = "inf"):
         tf = self._tf = model.tf
         self._log_probs_of, self._norm, self._clip, self._criterion = log_probs_of, norm, clip, criterion
+        self._step_norm = step_norm
         size = model.spec.input_size
         plane, scalar = tf.TensorSpec([size, size], tf.float32), tf.TensorSpec([], tf.float32)
         index, indices = tf.TensorSpec([], tf.int32), tf.TensorSpec([None], tf.int32)
@@ -68,12 +70,12 @@ class TFLoop:
 
     def _step(self, eps, g, axis=None):
         """The FGSM step: eps along the direction (targeted steps descend the target's cross-entropy)."""
-        return (-eps if self._criterion.targeted else eps) * self._direction(g, axis)
+        return (-eps if self._criterion.targeted else eps) * self._direction(g, self._step_norm, axis)
 
-    def _direction(self, g, axis=None):
-        """The step's direction: sign (L-inf) or unit L2 length over `axis` (one image's plane: [1, 2])."""
+    def _direction(self, g, norm, axis=None):
+        """A step's direction: sign (L-inf) or unit L2 length over `axis` (one image's plane: [1, 2])."""
         tf = self._tf
-        if self._norm == "inf":
+        if norm == "inf":
             return tf.sign(g)
         norm = tf.norm(g) if axis is None else tf.norm(g, axis=axis, keepdims=True)
         return g / tf.maximum(norm, GRAD_NORM_FLOOR)
@@ -159,4 +161,4 @@ class TFLoop:
         g = tape.gradient(objective, rho)
         velocity = momentum * velocity + g / tf.maximum(tf.reduce_max(tf.abs(g)), GRAD_NORM_FLOOR)
         was_fooled = self._criterion.succeeded(tf.argmax(log_probs, axis=1, output_type=tf.int32), y)
-        return self._project(rho + alpha * self._direction(velocity), xi), velocity, was_fooled
+        return self._project(rho + alpha * self._direction(velocity, self._norm), xi), velocity, was_fooled
