@@ -205,7 +205,7 @@ class AuditRun:
             passes=crafted.passes, crafting_rates=crafted.rates, visited=crafted.visited,
             gradient_steps=crafted.steps, seconds=crafted.seconds, queries=crafted.queries,
             evals=evals, controls=controls, examples=self._examples(settings, rho),
-            strength=strength_of(settings, rho, xi, p_values, self.alpha))
+            strength=strength_of(settings, rho, xi, crafted.rates, p_values, self.alpha))
         result.transfer = {name: self._transfer_evals(settings, rho, m) for name, m in self.others.items()}
         return result
 

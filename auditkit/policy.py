@@ -30,7 +30,7 @@ from pydantic import (
 
 from .errors import AuditkitError
 from .models.registry import ZOO_CLASSES, ZOO_NAMES
-from .uap.base import Algorithm, AttackSettings, BlackBoxSettings, Crafting, Kind, Norm, SGDSettings, Zeta
+from .uap.base import Algorithm, AttackSettings, Crafting, Kind, Norm, SGDSettings, Zeta
 from .messages import quote, shown
 from .yaml_budget import check_expanded_size, read_text
 
@@ -409,14 +409,15 @@ def parse_policy(data: Any, source: str = "<policy>") -> Policy:
 
 def policy_from_record(dump: dict[str, Any], source: str) -> Policy:
     """The policy recorded in results.json (its JSON form, defaults filled in) as a Policy again. A grid's
-    settings that only matter for other kinds or algorithms were dumped with their defaults; validation
-    would read them as set, so they are dropped first."""
+    settings were dumped with their defaults, and validation would read them as set (e.g. sgd settings beside
+    another algorithm), so every grid key that holds its default is dropped first."""
     data = json.loads(json.dumps(dump))
-    defaults = {"targets": "all", "sgd": SGDSettings().model_dump(mode="json"),
-                "blackbox": BlackBoxSettings().model_dump(mode="json")}
+    defaults = {name: field.get_default(call_default_factory=True) for name, field in AttackGrid.model_fields.items()
+                if not field.is_required()}
+    defaults = {name: v.model_dump(mode="json") if isinstance(v, BaseModel) else v for name, v in defaults.items()}
     for grid in data.get("attacks", []) if isinstance(data, dict) else []:
         for key, default in defaults.items():
-            if isinstance(grid, dict) and grid.get(key) == default:
+            if isinstance(grid, dict) and key in grid and grid[key] == default:
                 del grid[key]
     return parse_policy(data, source)
 

@@ -46,12 +46,15 @@ def reach_rate(pred: np.ndarray, clean_pred: np.ndarray, target: int | None) -> 
     return float(np.mean(flipped[clean_pred != dominant]))
 
 
-def strength_of(settings: AttackSettings, rho: np.ndarray, xi: float, p_values: dict[str, float],
-                alpha: float) -> StrengthChecks:
-    """The checks one cell decides alone: moved (norm >= xi / 2) and beats noise (p < alpha on every split)."""
+def strength_of(settings: AttackSettings, rho: np.ndarray, xi: float, crafting_rates: list[float],
+                p_values: dict[str, float], alpha: float) -> StrengthChecks:
+    """The checks one cell decides alone: moved (norm >= xi / 2, or the craft already succeeded on its whole
+    crafting set, where a smaller UAP did all there was to do) and beats noise (p < alpha on every split)."""
     norm = float(np.abs(rho).max() if settings.norm == "inf" else np.linalg.norm(rho))
+    done = bool(crafting_rates) and crafting_rates[-1] >= 1.0 - settings.delta
     beats = None if any(math.isnan(p) for p in p_values.values()) else all(p < alpha for p in p_values.values())
-    return StrengthChecks(uap_norm=norm, moved=bool(norm >= xi / 2), noise_p_values=p_values, beats_noise=beats)
+    return StrengthChecks(uap_norm=norm, moved=bool(norm >= xi / 2 or done), noise_p_values=p_values,
+                          beats_noise=beats)
 
 
 def _family(settings: AttackSettings, **fixed) -> str:
@@ -73,14 +76,19 @@ def check_monotone(cells: Sequence[CellResult], splits: Sequence[str]) -> None:
 
 def check_reachability(cells: Sequence[CellResult], reach: Callable[[AttackSettings], float], zeta: float,
                        rate: float) -> None:
-    """Once per family of cells differing only in zeta: a UAP crafted at the large budget `zeta` must reach `rate`
-    on the crafting set; if not, the gradients are suspect (masked, quantised input, a broken path)."""
+    """Once per family of cells differing only in zeta: a UAP crafted at a large budget (`zeta`, or the family's
+    largest zeta where that is larger) must reach `rate` on the crafting set; if not, the gradients are suspect
+    (masked, quantised input, a broken path)."""
+    budget: dict[str, float] = {}
+    for cell in cells:
+        family = _family(cell.attack, zeta=zeta)
+        budget[family] = max(budget.get(family, zeta), cell.attack.zeta)
     reached: dict[str, float] = {}
     for cell in cells:
         family = _family(cell.attack, zeta=zeta)
         if family not in reached:
-            reached[family] = reach(cell.attack.model_copy(update={"zeta": zeta,
+            reached[family] = reach(cell.attack.model_copy(update={"zeta": budget[family],
                                                                    "delta": max(cell.attack.delta, 1.0 - rate)}))
         checks = cell.strength
-        checks.reach_zeta, checks.reach_rate = zeta, reached[family]
+        checks.reach_zeta, checks.reach_rate = budget[family], reached[family]
         checks.reachable = bool(reached[family] >= rate)

@@ -59,7 +59,7 @@ def test_run_writes_every_output_and_exits_0_on_pass(passing_run):
         assert rho.dtype == np.float32 and rho.shape == (32, 32)
         norm = np.abs(rho).max() if cell["attack"]["norm"] == "inf" else np.linalg.norm(rho)
         assert 0 < norm <= cell["xi"] * (1 + 1e-5), cell["key"]
-        assert cell["evals"]["test"]["n"] == 30 and cell["controls"]["test"]["draws"] == 2
+        assert cell["evals"]["test"]["n"] == 60 and cell["controls"]["test"]["draws"] == 2
     prov = results["provenance"]
     assert prov["seed"] == 5 and len(prov["policy_sha256"]) == 64 and prov["tensorflow"]
     assert set(results["model"]["sha256"]) == {"tiny.keras"}
@@ -175,7 +175,7 @@ def test_hardening_a_model_that_cannot_be_trained_is_refused_before_the_audit(tm
 @pytest.mark.parametrize("edit,message", [
     (lambda p: p.replace("zetas: [0.2]", "zetas: [1.5]", 1), "attacks.0.zetas.0"),
     (lambda p: p.replace("seed: 5", "seed: 5\ncolour: red"), "colour"),
-    (lambda p: p.replace("max_iter: 2", "max_iter: two", 1), "attacks.0.max_iter"),
+    (lambda p: p.replace("max_iter: 6", "max_iter: two", 1), "attacks.0.max_iter"),
     (lambda p: p.replace('targets: ["COVID-19"]', 'targets: ["flu"]', 1), "flu"),
 ])
 def test_bad_policy_exits_2_with_the_key_path(tmp_path, tiny_model, phantom_manifest, edit, message):
@@ -267,7 +267,7 @@ def test_run_with_hardening_reports_before_and_after(tmp_path, tiny_model, phant
     assert [c["key"] for c in after["cells"]] == [c["key"] for c in results["cells"]]
     for c in after["cells"]:
         assert (out / "after-hardening" / c["uap_file"]).is_file()
-    assert code == (0 if after["verdict"] == "PASS" else 1), output
+    assert code == {"PASS": 0, "FAIL": 1, "INCONCLUSIVE": 4}[after["verdict"]], output  # the hardened model's
     html = (out / "report.html").read_text()
     assert "Hardening by adversarial retraining" in html and "checked, PASS" in html
     suites = ET.parse(out / "junit.xml").getroot().findall("testsuite")
@@ -328,13 +328,15 @@ def test_deploy_parity_surrogate_and_transfer_matrix(tmp_path, tiny_model, phant
 
 def test_blackbox_algorithm_runs_from_a_policy_and_counts_queries(tmp_path, tiny_model, phantom_manifest):
     policy = write_policy(tmp_path / "p.yaml")
-    text = policy.read_text().replace("    max_iter: 2\n", "    max_iter: 2\n    algorithm: blackbox\n"
+    text = policy.read_text().replace("    max_iter: 6\n", "    max_iter: 2\n    algorithm: blackbox\n"
                                       "    blackbox: {batch_size: 20, samples: 2, low_res: 8}\n", 1)
     policy.write_text(text)
     code, output = run_cli("run", "--model", tiny_model, "--policy", policy, "--data", phantom_manifest,
-                           "--out", tmp_path / "out", "--formats", "html,json")
+                           "--out", tmp_path / "out", "--formats", "html,json", "--allow-inconclusive")
     assert code == 0, output
-    cells = json.loads((tmp_path / "out" / "results.json").read_text())["cells"]
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["verdict"] == "INCONCLUSIVE"  # 2 query-only epochs are too weak to show the model robust
+    cells = results["cells"]
     bb = [c for c in cells if c["attack"]["algorithm"] == "blackbox"]
     assert [c["key"] for c in bb] == ["nontargeted_inf_z0.2_blackbox", "targeted-COVID-19_inf_z0.2_blackbox"]
     for c in bb:  # 60 images in batches of 20, 2 antithetic pairs per image per step, 2 epochs (+ evaluations)

@@ -7,43 +7,10 @@ from auditkit.uap.base import AttackSettings
 from auditkit.uap.geometry import xi_for
 from auditkit.uap.paper import PaperUAP
 
-SIZE, K = 16, 3
+from oracle import SoftmaxRegression, oracle_uap
+
+SIZE = 16
 CLASSES = ["a", "b", "c"]
-
-
-def softmax(z):
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-class SoftmaxRegression:
-    """p = softmax(W x + b) with analytic input gradients: the oracle's model."""
-
-    def __init__(self, seed):
-        rng = np.random.default_rng(seed)
-        self.W = rng.normal(0, 0.3, (SIZE * SIZE, K))
-        self.b = rng.normal(0, 0.1, K)
-
-    def probs(self, x):
-        return softmax(x.reshape(len(x), -1) @ self.W + self.b)
-
-    def predict(self, x):
-        return self.probs(x).argmax(axis=1)
-
-    def ce_grads(self, x, y):
-        p = self.probs(x)
-        p[np.arange(len(x)), y] -= 1.0
-        return (p @ self.W.T).reshape(x.shape)
-
-    def keras(self):
-        import keras
-
-        inp = keras.Input((SIZE, SIZE, 1), name="image")
-        out = keras.layers.Dense(K, activation="softmax")(keras.layers.Flatten()(inp))
-        model = keras.Model(inp, out)
-        model.layers[-1].set_weights([self.W.astype(np.float32), self.b.astype(np.float32)])
-        return model
 
 
 class ArrayModel:
@@ -71,34 +38,11 @@ class ArrayModel:
         return self.log_probs(x), self.oracle.ce_grads(x, np.asarray(y)).astype(np.float32)
 
 
-def oracle_uap(model, X, norm, step_norm, xi, eps, max_iter, clip, target, rng):
-    """METHOD.md's loop, literally, one image at a time: the step along step_norm, the projection onto norm's ball."""
-    clipf = (lambda v: np.clip(v, 0, 1)) if clip else (lambda v: v)
-    y0 = model.predict(X)
-    rho = np.zeros(X.shape[1:])
-
-    def fooled(pred, i):
-        return pred == target if target is not None else pred != y0[i]
-
-    for _ in range(max_iter):
-        for i in rng.permutation(len(X)):
-            x = X[i]
-            if fooled(model.predict(clipf(x + rho)[None])[0], i):
-                continue
-            g = model.ce_grads(clipf(x + rho)[None], [target if target is not None else y0[i]])[0]
-            d = np.sign(g) if step_norm == "inf" else g / np.linalg.norm(g)
-            x_adv = clipf(x + rho + (-eps if target is not None else eps) * d)
-            if fooled(model.predict(x_adv[None])[0], i):
-                v = x_adv - x
-                rho = np.clip(v, -xi, xi) if norm == "inf" else v * min(1.0, xi / np.linalg.norm(v))
-    return rho
-
-
 @pytest.fixture(scope="module")
 def reg():
     from auditkit.models import keras_adapter
 
-    oracle = SoftmaxRegression(1)
+    oracle = SoftmaxRegression(1, SIZE, scale=0.3)
     adapter = keras_adapter(oracle.keras(), "softmax-regression",
                             {"classes": CLASSES, "channels": 1, "output": "softmax"})
     X = np.random.default_rng(2).random((40, SIZE, SIZE)).astype(np.float32)
@@ -112,8 +56,8 @@ def test_both_backends_match_the_oracle_with_the_step_along_its_own_norm(reg, no
     oracle, adapter, X = reg
     model = adapter if backend == "tf" else ArrayModel(oracle)
     xi, _ = xi_for(X, norm, 0.05)
-    expected = oracle_uap(oracle, X.astype(np.float64), norm, step_norm, xi, eps, 4, True,
-                          None if target is None else CLASSES.index(target), np.random.default_rng(7))
+    expected = oracle_uap(oracle, X.astype(np.float64), norm, xi, eps, 4, 0.0, True,
+                          None if target is None else CLASSES.index(target), np.random.default_rng(7), step_norm)
     settings = AttackSettings(kind="nontargeted" if target is None else "targeted", target=target, norm=norm,
                               zeta=0.05, eps=eps, step_norm=step_norm, max_iter=4, delta=0.0)
     for speculative in (False, True):

@@ -8,7 +8,8 @@ import pytest
 from typer.testing import CliRunner
 
 from auditkit.cli import app
-from auditkit.strength import paired_p_value
+from auditkit.strength import paired_p_value, strength_of
+from auditkit.uap.base import AttackSettings
 
 runner = CliRunner()
 
@@ -156,3 +157,11 @@ def test_nontargeted_reach_counts_the_images_a_one_class_uap_can_flip():
     assert reach_rate(np.array([2, 0, 2, 1, 2, 2]), clean, None) == 0.5
     assert reach_rate(clean, clean, None) == 0.0
     assert reach_rate(np.full(6, 2), clean, 2) == 1.0 and reach_rate(clean, clean, 2) == pytest.approx(1 / 3)
+
+
+def test_moved_means_half_the_budget_or_every_crafting_image_already_fooled():
+    cell = AttackSettings(kind="nontargeted", norm="inf", zeta=0.02)
+    small = np.full((4, 4), 0.01, np.float32)
+    assert not strength_of(cell, small, 0.1, [0.3, 0.5], {}, 0.01).moved  # stopped short of xi/2 and of success
+    assert strength_of(cell, small, 0.1, [0.5, 1.0], {}, 0.01).moved  # did all there was to do, with less
+    assert strength_of(cell, small * 6, 0.1, [0.2], {}, 0.01).moved
