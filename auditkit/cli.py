@@ -106,14 +106,12 @@ def _formats(value: Optional[str]) -> Optional[list[str]]:
     return items
 
 
-def _spec_overrides(model_spec: Optional[Path], classes: Optional[str], input_size: Optional[int],
-                    channels: Optional[int], scale: Optional[float], output: Optional[str]) -> dict:
-    from .models.spec import read_sidecar
-
-    spec = read_sidecar(model_spec) if model_spec else {}
+def _spec_overrides(classes: Optional[str], input_size: Optional[int], channels: Optional[int],
+                    scale: Optional[float], output: Optional[str]) -> dict:
+    """The spec values given as flags; they override the model's spec file."""
     flags = {"classes": classes.split(",") if classes else None, "input_size": input_size, "channels": channels,
              "scale": scale, "output": output}
-    return spec | {k: v for k, v in flags.items() if v is not None}
+    return {k: v for k, v in flags.items() if v is not None}
 
 
 MODEL_HELP = "Zoo name (covidnet_small, covidnet_large), .keras file, SavedModel directory or .onnx file."
@@ -157,12 +155,12 @@ def run(
     from . import api
 
     fmts = _formats(formats)
-    overrides = _spec_overrides(model_spec, classes, input_size, channels, scale, output)
+    overrides = _spec_overrides(classes, input_size, channels, scale, output)
     command = "auditkit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     with RichProgress() as progress:
         result = api.run(model, policy, out_dir, data=data, formats=fmts, seed=seed, spec_overrides=overrides,
-                         harden=harden, surrogate=surrogate, deploy=deploy, transfer=transfer or (), jobs=jobs,
-                         command=command, progress=progress, log=_log)
+                         spec_file=model_spec, harden=harden, surrogate=surrogate, deploy=deploy,
+                         transfer=transfer or (), jobs=jobs, command=command, progress=progress, log=_log)
     _print_summary(result, out_dir)
     if result.hardened is not None:
         out.print("after hardening:")
@@ -191,7 +189,7 @@ def harden_cmd(
 
     with RichProgress() as progress:
         record = api.harden(model, policy, out_dir, data=data, seed=seed, progress=progress, log=_log,
-                            spec_overrides=_spec_overrides(model_spec, classes, None, None, None, None))
+                            spec_overrides=_spec_overrides(classes, None, None, None, None), spec_file=model_spec)
     first, last = record.rounds[0], record.rounds[-1]
     parity = record.parity
     out.print(f"attack success {first.attack_rate.value:.1%} -> {last.attack_rate.value:.1%}, clean accuracy "
@@ -251,18 +249,28 @@ def inspect(
     """Show a model's classes, input spec, format and file hashes."""
     from .models import load_model
 
-    m = load_model(model, _spec_overrides(model_spec, classes, input_size, channels, scale, output))
+    m = load_model(model, _spec_overrides(classes, input_size, channels, scale, output), model_spec)
     s = m.spec
     table = Table(title=f"model {m.name}", show_header=False)
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")  # digests in full, folded, never cut
     rows = [("format", m.format), ("path", str(m.path or "")), ("classes", ", ".join(m.classes)),
             ("input", f"{s.input_size}x{s.input_size}, {s.channels} channel(s), {s.layout}"),
             ("preprocessing", f"x*{s.scale:g}, mean {list(s.mean)}, std {list(s.std)}"),
+            ("trained with", f"crop_top {_stated(s.crop_top)}, resize {_stated(s.resize)}"),
             ("output", s.output), ("parameters", f"{m.parameters:,}" if m.parameters else "unknown"),
-            ("white-box gradients", f"yes — {m.gradient_source()}" if m.can_craft else f"no — {m.craft_refusal}")]
+            ("white-box gradients", f"yes — {m.gradient_source()}" if m.can_craft else f"no — {m.craft_refusal}"),
+            ("spec file", str(m.spec_file or "none")), ("digest (all files)", m.digest())]
     rows += [(f"sha256 {name}", digest) for name, digest in m.sha256().items()]
     for k, v in rows:
         table.add_row(k, v)
     out.print(table)
+
+
+def _stated(value) -> str:
+    if value is None:
+        return "not stated (auditkit's default unless the policy sets it)"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 @app.command()

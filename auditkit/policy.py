@@ -77,10 +77,18 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
+def _crop_top(v: Any) -> Any:
+    if v == "model" or (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 0.5):
+        return v if v == "model" else float(v)
+    raise ValueError(f"must be 'model' (the model's own) or a fraction in [0, 0.5), got {v!r}")
+
+
 class Preprocess(_Model):
+    """How images are cropped and resized; "model" (the default) means as the model's spec states."""
+
     size: int | None = Field(None, ge=8, le=1024)  # None: the model's own input size
-    crop_top: float = Field(1 / 6, ge=0, lt=0.5)
-    resize: Literal["bilinear", "bicubic", "nearest", "lanczos", "area"] = "bilinear"
+    crop_top: Annotated[float | Literal["model"], BeforeValidator(_crop_top)] = "model"
+    resize: Literal["bilinear", "bicubic", "nearest", "lanczos", "area", "model"] = "model"
 
 
 class DataConfig(_Model):

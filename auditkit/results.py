@@ -134,6 +134,9 @@ class ModelInfo:
     parameters: int | None
     description: str = ""
     gradients: str | None = None  # how input gradients were obtained; None where none were needed
+    digest: str = ""  # one SHA-256 over every file in sha256 (models.identity.digest)
+    spec_file: str = ""  # the model.yaml the spec was read from ("" where none)
+    spec: dict[str, Any] = field(default_factory=dict)  # the complete spec the inputs were fed with
 
 
 @dataclass
@@ -147,8 +150,9 @@ class DataInfo:
     counts: dict[str, dict[str, int]]  # split -> class -> images
     craft_split: str
     eval_splits: list[str]
-    preprocess: dict[str, Any]
+    preprocess: dict[str, Any]  # what was used: size, crop_top, resize (and where each came from), max_images
     notice: str = ""
+    warnings: list[str] = field(default_factory=list)  # e.g. a policy preprocessing unlike the model's own
 
 
 @dataclass

@@ -12,29 +12,35 @@ from .spec import ModelSpec, read_sidecar, sidecar_path
 __all__ = ["ModelAdapter", "TFAdapter", "ModelSpec", "load_model", "keras_adapter", "ZOO_NAMES"]
 
 
-def load_model(ref: str | Path, spec_overrides: Mapping[str, Any] | None = None) -> ModelAdapter:
+def load_model(ref: str | Path, spec_overrides: Mapping[str, Any] | None = None,
+               spec_file: str | Path | None = None) -> ModelAdapter:
     """A zoo name, a `.keras` file, a SavedModel directory or an `.onnx` file, as an adapter.
 
-    The spec comes from the model itself, then `model.yaml` beside it, then `spec_overrides` (CLI flags).
+    The spec comes from the model itself, then `spec_file` (default: the `model.yaml` beside the model), then
+    `spec_overrides` (CLI flags). The spec file counts as one of the model's files (its identity).
     """
-    overrides = dict(spec_overrides or {})
     ref_str = str(ref)
-    if ref_str in ZOO_NAMES and not Path(ref_str).exists():
+    path = Path(ref_str)
+    zoo_name = ref_str in ZOO_NAMES and not path.exists()
+    if not zoo_name and not path.exists():
+        raise AuditkitError(
+            f"no such model file or directory, and not a zoo name (zoo: {', '.join(ZOO_NAMES)})", ref_str)
+    side = Path(spec_file) if spec_file is not None else None if zoo_name else sidecar_path(path)
+    spec = (read_sidecar(side) if side else {}) | dict(spec_overrides or {})
+    if zoo_name:
         from . import zoo
         from .keras import KerasAdapter
 
-        entry = zoo.ZOO[ref_str]
-        model = zoo.load_zoo_model(ref_str)
-        spec = {"classes": list(entry.classes), "channels": 1, "output": "softmax"} | overrides
-        return KerasAdapter(ref_str, zoo.weights_path(ref_str), model, spec, f"zoo model {ref_str}")
+        adapter = KerasAdapter(ref_str, zoo.weights_path(ref_str), zoo.load_zoo_model(ref_str),
+                               zoo.zoo_spec(ref_str) | spec, f"zoo model {ref_str}")
+    else:
+        adapter = _load_file(path, spec, str(side) if side else ref_str)
+    adapter.spec_file = side
+    return adapter
 
-    path = Path(ref_str)
-    if not path.exists():
-        raise AuditkitError(
-            f"no such model file or directory, and not a zoo name (zoo: {', '.join(ZOO_NAMES)})", ref_str)
-    side = sidecar_path(path)
-    spec = (read_sidecar(side) if side else {}) | overrides
-    where = str(side) if side else ref_str
+
+def _load_file(path: Path, spec: dict[str, Any], where: str) -> ModelAdapter:
+    ref_str = str(path)
     if path.is_dir():
         if not (path / "saved_model.pb").is_file():
             raise AuditkitError("directory is not a TF SavedModel (no saved_model.pb)", ref_str)

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import AuditkitError
-from ..fileio import sha256_files
+from .identity import digest, hash_files, named_files, tree_files
 from .spec import ModelSpec
 from .tf_runtime import GraphFunction, configure_tensorflow
 
@@ -26,6 +26,7 @@ class ModelAdapter:
         self.name = name
         self.path = path
         self.spec = spec
+        self._sha256: dict[str, str] | None = None
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -35,8 +36,32 @@ class ModelAdapter:
     def parameters(self) -> int | None:
         return None
 
+    spec_file: Path | None = None  # the model.yaml the spec was read from (load_model sets it)
+
+    def model_files(self) -> list[Path]:
+        """The files that define the model, without its spec file."""
+        if self.path is None:
+            return []
+        return tree_files(self.path) if self.path.is_dir() else [self.path]
+
+    def files(self) -> dict[str, Path]:
+        """Every file that defines the model, spec file included, by name relative to the model's folder."""
+        if self.path is None:
+            return {}
+        paths = self.model_files()
+        if self.spec_file is not None and self.spec_file.resolve() not in {p.resolve() for p in paths}:
+            paths.append(self.spec_file)
+        return named_files(paths, self.path if self.path.is_dir() else self.path.parent)
+
     def sha256(self) -> dict[str, str]:
-        return sha256_files(self.path) if self.path is not None else {}
+        """SHA-256 of every file that defines the model, hashed once (at the first call)."""
+        if self._sha256 is None:
+            self._sha256 = hash_files(self.files())
+        return self._sha256
+
+    def digest(self) -> str:
+        """One SHA-256 over all of the model's files (identity.digest)."""
+        return digest(self.sha256())
 
     def check_images(self, images: np.ndarray) -> np.ndarray:
         images = np.asarray(images, dtype=np.float32)

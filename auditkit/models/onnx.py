@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import AuditkitError
+from .identity import onnx_files
 from .spec import ModelSpec
 from .base import ModelAdapter, complete_spec, detect_output, infer_spec, model_input, probe_images
 
@@ -41,6 +42,9 @@ class OnnxAdapter(ModelAdapter):
             raw = self._run(onnx_input(probe_images(self.spec), self.spec))
             self.spec = dataclasses.replace(self.spec, output=detect_output(raw))
         self._gradient_state = None
+
+    def model_files(self) -> list[Path]:
+        return onnx_files(self.path)
 
     def _run(self, model_input: np.ndarray) -> np.ndarray:
         if self.batch is None:

@@ -1,4 +1,5 @@
-"""What a model expects: classes, input size, channels, scaling and output type (the sidecar `model.yaml`)."""
+"""What a model expects: classes, input size, channels, scaling, output type and the image preprocessing it was
+trained with (the sidecar `model.yaml`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,9 +9,12 @@ from typing import Any, Mapping
 
 import yaml
 
+from ..data import RESIZE_METHODS
 from ..errors import AuditkitError
 
-SPEC_FIELDS = ("classes", "input_size", "channels", "scale", "mean", "std", "layout", "output")
+SPEC_FIELDS = ("classes", "input_size", "channels", "scale", "mean", "std", "layout", "output", "crop_top", "resize")
+DEFAULT_CROP_TOP = 1 / 6  # where neither the model nor the policy states one: COVID-Net's, auditkit's old default
+DEFAULT_RESIZE = "bilinear"
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,8 @@ class ModelSpec:
     std: tuple[float, ...] = (1.0,)
     layout: str = "NHWC"
     output: str | None = None  # "softmax" | "logits"; None = detect
+    crop_top: float | None = None  # fraction of rows dropped from the top before resizing; None = not stated
+    resize: str | None = None  # resampling filter to the input size; None = not stated
 
     def merged(self, overrides: Mapping[str, Any], where: str) -> ModelSpec:
         """This spec with `overrides` (sidecar or CLI values) validated and applied."""
@@ -70,6 +76,14 @@ def _check(key: str, value: Any, where: str) -> Any:
         if value not in ("NHWC", "NCHW"):
             raise AuditkitError(f"must be NHWC or NCHW, got {value!r}", here)
         return value
+    if key == "crop_top":
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 0.5:
+            raise AuditkitError(f"must be a fraction in [0, 0.5), got {value!r}", here)
+        return float(value)
+    if key == "resize":
+        if value not in RESIZE_METHODS:
+            raise AuditkitError(f"must be one of {', '.join(RESIZE_METHODS)}, got {value!r}", here)
+        return value
     if value not in ("softmax", "logits"):
         raise AuditkitError(f"must be softmax or logits, got {value!r}", here)
     return value
@@ -96,3 +110,49 @@ def read_sidecar(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise AuditkitError("model spec must be a mapping of keys to values", str(path))
     return data
+
+
+@dataclass(frozen=True)
+class InputPreprocessing:
+    """The preprocessing an audit feeds the model with, where each value came from, and what a reader should know."""
+
+    crop_top: float
+    resize: str
+    crop_top_from: str  # "model" | "policy" | "auditkit default"
+    resize_from: str
+    warnings: tuple[str, ...]
+
+
+def resolve_preprocessing(spec: ModelSpec, crop_top: float | str, resize: str) -> InputPreprocessing:
+    """The policy's `crop_top` / `resize` ("model": the model's own) against what the model states.
+
+    A policy value that differs from the model's declared one is used, with a warning: the model was trained
+    on other inputs. A model that states nothing gets auditkit's defaults, with a warning saying so."""
+    values, sources, warnings = {}, {}, []
+    for key, asked, default in (("crop_top", crop_top, DEFAULT_CROP_TOP), ("resize", resize, DEFAULT_RESIZE)):
+        declared = getattr(spec, key)
+        if asked != "model":
+            values[key], sources[key] = asked, "policy"
+            if declared is not None and not _same(declared, asked):
+                warnings.append(f"the policy sets preprocess.{key} {_show(asked)} but the model declares "
+                                f"{_show(declared)}: the model sees inputs unlike those it was trained on "
+                                f"(set data.preprocess.{key}: model to use the model's)")
+        elif declared is not None:
+            values[key], sources[key] = declared, "model"
+        else:
+            values[key], sources[key] = default, "auditkit default"
+            warnings.append(f"the model does not state its {key}; auditkit's default {_show(default)} is used "
+                            f"(state {key} in the model's model.yaml, or set data.preprocess.{key} in the policy)")
+    return InputPreprocessing(values["crop_top"], values["resize"], sources["crop_top"], sources["resize"],
+                              tuple(warnings))
+
+
+def _same(a: float | str, b: float | str) -> bool:
+    """Equal values; fractions within 1e-6 (a policy's 0.16666667 is the model's 1/6)."""
+    if isinstance(a, str) or isinstance(b, str):
+        return a == b
+    return abs(a - b) < 1e-6
+
+
+def _show(value: float | str) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
