@@ -114,7 +114,8 @@ def _spec_overrides(classes: Optional[str], input_size: Optional[int], channels:
     return {k: v for k, v in flags.items() if v is not None}
 
 
-MODEL_HELP = "Zoo name (covidnet_small, covidnet_large), .keras file, SavedModel directory or .onnx file."
+MODEL_HELP = ("Zoo name (covidnet_small, covidnet_large), .keras file, SavedModel directory, .onnx file or TF1 "
+              "checkpoint (model.meta, or its directory).")
 SPEC_OPTS = dict(
     model_spec=typer.Option(None, "--model-spec", help="A model.yaml to use instead of the one beside the model."),
     classes=typer.Option(None, "--classes", help="Comma-separated class names in output order."),

@@ -14,7 +14,8 @@ __all__ = ["ModelAdapter", "TFAdapter", "ModelSpec", "load_model", "keras_adapte
 
 def load_model(ref: str | Path, spec_overrides: Mapping[str, Any] | None = None,
                spec_file: str | Path | None = None) -> ModelAdapter:
-    """A zoo name, a `.keras` file, a SavedModel directory or an `.onnx` file, as an adapter.
+    """A zoo name, a `.keras` file, a SavedModel directory, an `.onnx` file or a TF1 checkpoint (`.meta` file or its
+    directory), as an adapter.
 
     The spec comes from the model itself, then `spec_file` (default: the `model.yaml` beside the model), then
     `spec_overrides` (CLI flags). The spec file counts as one of the model's files (its identity).
@@ -41,13 +42,19 @@ def load_model(ref: str | Path, spec_overrides: Mapping[str, Any] | None = None,
 
 def _load_file(path: Path, spec: dict[str, Any], where: str) -> ModelAdapter:
     ref_str = str(path)
+    suffix = path.suffix.lower()
+    if suffix == ".meta" or (path.is_dir() and not (path / "saved_model.pb").is_file() and any(path.glob("*.meta"))):
+        from .tf1 import TF1CheckpointAdapter, find_meta
+
+        meta = find_meta(path)
+        return TF1CheckpointAdapter(meta.parent.name if meta.stem == "model" else meta.stem, meta, spec, where)
     if path.is_dir():
         if not (path / "saved_model.pb").is_file():
-            raise AuditkitError("directory is not a TF SavedModel (no saved_model.pb)", ref_str)
+            raise AuditkitError("directory is neither a TF SavedModel (no saved_model.pb) nor a TF1 checkpoint "
+                                "(no .meta file)", ref_str)
         from .savedmodel import SavedModelAdapter
 
         return SavedModelAdapter(path.name, path, spec, where)
-    suffix = path.suffix.lower()
     if suffix == ".keras":
         from .keras import KerasAdapter, load_keras_file
 
@@ -59,7 +66,8 @@ def _load_file(path: Path, spec: dict[str, Any], where: str) -> ModelAdapter:
     if suffix in (".h5", ".hdf5"):
         raise AuditkitError("legacy HDF5 Keras models are not accepted; re-save as .keras (model.save('m.keras'))",
                             ref_str)
-    raise AuditkitError("unknown model format (expected .keras, .onnx or a SavedModel directory)", ref_str)
+    raise AuditkitError("unknown model format (expected .keras, .onnx, a SavedModel directory or a TF1 .meta "
+                        "checkpoint)", ref_str)
 
 
 def keras_adapter(model, name: str = "model", spec_overrides: Mapping[str, Any] | None = None):

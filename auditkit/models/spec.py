@@ -12,7 +12,9 @@ import yaml
 from ..data import RESIZE_METHODS
 from ..errors import AuditkitError
 
-SPEC_FIELDS = ("classes", "input_size", "channels", "scale", "mean", "std", "layout", "output", "crop_top", "resize")
+SPEC_FIELDS = ("classes", "input_size", "channels", "scale", "mean", "std", "layout", "output", "crop_top", "resize",
+               "input", "logits", "probabilities")
+TENSOR_FIELDS = ("input", "logits", "probabilities")  # tensor names in a graph (TF1 checkpoints)
 DEFAULT_CROP_TOP = 1 / 6  # where neither the model nor the policy states one: COVID-Net's, auditkit's old default
 DEFAULT_RESIZE = "bilinear"
 
@@ -34,6 +36,9 @@ class ModelSpec:
     output: str | None = None  # "softmax" | "logits"; None = detect
     crop_top: float | None = None  # fraction of rows dropped from the top before resizing; None = not stated
     resize: str | None = None  # resampling filter to the input size; None = not stated
+    input: str | None = None  # TF1 checkpoints: the input tensor's name, e.g. input_1:0
+    logits: str | None = None  # TF1 checkpoints: the logits tensor's name...
+    probabilities: str | None = None  # ...or the softmax output's
 
     def merged(self, overrides: Mapping[str, Any], where: str) -> ModelSpec:
         """This spec with `overrides` (sidecar or CLI values) validated and applied."""
@@ -75,6 +80,10 @@ def _check(key: str, value: Any, where: str) -> Any:
     if key == "layout":
         if value not in ("NHWC", "NCHW"):
             raise AuditkitError(f"must be NHWC or NCHW, got {value!r}", here)
+        return value
+    if key in TENSOR_FIELDS:
+        if not isinstance(value, str) or not value:
+            raise AuditkitError(f"must be a tensor name such as dense_3/MatMul:0, got {value!r}", here)
         return value
     if key == "crop_top":
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 0.5:
