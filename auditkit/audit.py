@@ -345,9 +345,11 @@ def evaluate(split: Split, rho: np.ndarray | None, classes, *, model: ModelAdapt
 
 def _check_classes(model: ModelAdapter, dataset: Dataset) -> list[str]:
     if tuple(model.classes) != tuple(dataset.classes):
+        looked = ", ".join(str(p) for p in model.spec_looked_for)
+        source = f" (no spec file found: looked for {looked}; or use --classes)" if looked else ""
         raise AuditkitError(
             f"the model's classes {list(model.classes)} differ from the policy's data.classes "
-            f"{list(dataset.classes)}; list the classes in the model's output order", model.name)
+            f"{list(dataset.classes)}; list the classes in the model's output order{source}", model.name)
     return list(dataset.classes)
 
 

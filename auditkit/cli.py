@@ -107,11 +107,22 @@ def _formats(value: Optional[str]) -> Optional[list[str]]:
 
 
 def _spec_overrides(classes: Optional[str], input_size: Optional[int], channels: Optional[int],
-                    scale: Optional[float], output: Optional[str]) -> dict:
+                    scale: Optional[float], output: Optional[str], layout: Optional[str] = None,
+                    mean: Optional[str] = None, std: Optional[str] = None) -> dict:
     """The spec values given as flags; they override the model's spec file."""
     flags = {"classes": classes.split(",") if classes else None, "input_size": input_size, "channels": channels,
-             "scale": scale, "output": output}
+             "scale": scale, "output": output, "layout": layout,
+             "mean": _numbers(mean, "--mean"), "std": _numbers(std, "--std")}
     return {k: v for k, v in flags.items() if v is not None}
+
+
+def _numbers(value: Optional[str], flag: str) -> Optional[list[float]]:
+    if value is None:
+        return None
+    try:
+        return [float(v) for v in value.split(",")]
+    except ValueError:
+        raise AuditkitError(f"must be a number or comma-separated numbers, got {value!r}", flag) from None
 
 
 MODEL_HELP = ("Zoo name (covidnet_small, covidnet_large), .keras file, SavedModel directory, .onnx file or TF1 "
@@ -123,6 +134,9 @@ SPEC_OPTS = dict(
     channels=typer.Option(None, "--channels", help="1 or 3 (the grayscale plane is repeated)."),
     scale=typer.Option(None, "--scale", help="Model input = image in [0,1] x scale (then mean/std)."),
     output=typer.Option(None, "--output", help="softmax or logits."),
+    layout=typer.Option(None, "--layout", help="NHWC or NCHW."),
+    mean=typer.Option(None, "--mean", help="Subtracted after scaling: one number or one per channel, comma-separated."),
+    std=typer.Option(None, "--std", help="Divided by after the mean: one number or one per channel."),
 )
 
 
@@ -148,6 +162,8 @@ def run(
     model_spec: Optional[Path] = SPEC_OPTS["model_spec"], classes: Optional[str] = SPEC_OPTS["classes"],
     input_size: Optional[int] = SPEC_OPTS["input_size"], channels: Optional[int] = SPEC_OPTS["channels"],
     scale: Optional[float] = SPEC_OPTS["scale"], output: Optional[str] = SPEC_OPTS["output"],
+    layout: Optional[str] = SPEC_OPTS["layout"], mean: Optional[str] = SPEC_OPTS["mean"],
+    std: Optional[str] = SPEC_OPTS["std"],
 ):
     """Run a policy's UAP audit on a model; write results.json, report.html/.pdf, junit.xml and uaps/.
 
@@ -156,7 +172,7 @@ def run(
     from . import api
 
     fmts = _formats(formats)
-    overrides = _spec_overrides(classes, input_size, channels, scale, output)
+    overrides = _spec_overrides(classes, input_size, channels, scale, output, layout, mean, std)
     command = "auditkit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     with RichProgress() as progress:
         result = api.run(model, policy, out_dir, data=data, formats=fmts, seed=seed, spec_overrides=overrides,
@@ -246,11 +262,13 @@ def inspect(
     model_spec: Optional[Path] = SPEC_OPTS["model_spec"], classes: Optional[str] = SPEC_OPTS["classes"],
     input_size: Optional[int] = SPEC_OPTS["input_size"], channels: Optional[int] = SPEC_OPTS["channels"],
     scale: Optional[float] = SPEC_OPTS["scale"], output: Optional[str] = SPEC_OPTS["output"],
+    layout: Optional[str] = SPEC_OPTS["layout"], mean: Optional[str] = SPEC_OPTS["mean"],
+    std: Optional[str] = SPEC_OPTS["std"],
 ):
     """Show a model's classes, input spec, format and file hashes."""
     from .models import load_model
 
-    m = load_model(model, _spec_overrides(classes, input_size, channels, scale, output), model_spec)
+    m = load_model(model, _spec_overrides(classes, input_size, channels, scale, output, layout, mean, std), model_spec)
     s = m.spec
     table = Table(title=f"model {m.name}", show_header=False)
     table.add_column(no_wrap=True)

@@ -10,21 +10,28 @@ from auditkit.models import load_model
 from auditkit.models.identity import digest
 
 
-def save_linear_onnx(path: Path, seed: int = 0, external: bool = True) -> Path:
-    """A 16x16 grayscale NCHW linear classifier, its weights in `<name>.data` beside it when `external`."""
+SPEC = "classes: [a, b, c]\noutput: logits\n"
+
+
+def save_linear_onnx(path: Path, seed: int = 0, external: bool = True, spec: str | None = SPEC,
+                     dynamic_size: bool = False) -> Path:
+    """A 16x16 grayscale NCHW linear classifier, its weights in `<name>.data` beside it when `external`, its
+    `spec` in model.yaml beside it (None: no spec file); `dynamic_size`: the input's height and width unnamed."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     w = np.random.default_rng(seed).normal(size=(256, 3)).astype(np.float32)
+    shape = ["N", 1, "H", "W"] if dynamic_size else ["N", 1, 16, 16]
     graph = helper.make_graph(
         [helper.make_node("Flatten", ["x"], ["flat"]), helper.make_node("MatMul", ["flat", "w"], ["logits"])],
-        "linear", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 16, 16])],
+        "linear", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
         initializer=[numpy_helper.from_array(w, "w")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.save_model(model, str(path), save_as_external_data=external, location=path.name + ".data",
                     size_threshold=0)
-    (path.parent / "model.yaml").write_text("classes: [a, b, c]\noutput: logits\n")
+    if spec is not None:
+        (path.parent / "model.yaml").write_text(spec)
     return path
 
 

@@ -7,7 +7,7 @@ from typing import Any, Mapping
 from ..errors import AuditkitError
 from .base import ModelAdapter, TFAdapter
 from .registry import ZOO_NAMES
-from .spec import ModelSpec, read_sidecar, sidecar_path
+from .spec import MissingSpec, ModelSpec, read_sidecar, sidecar_candidates, sidecar_path
 
 __all__ = ["ModelAdapter", "TFAdapter", "ModelSpec", "load_model", "keras_adapter", "ZOO_NAMES"]
 
@@ -35,7 +35,12 @@ def load_model(ref: str | Path, spec_overrides: Mapping[str, Any] | None = None,
         adapter = KerasAdapter(ref_str, zoo.weights_path(ref_str), zoo.load_zoo_model(ref_str),
                                zoo.zoo_spec(ref_str) | spec, f"zoo model {ref_str}")
     else:
-        adapter = _load_file(path, spec, str(side) if side else ref_str)
+        looked_for = [] if side else sidecar_candidates(path)
+        try:
+            adapter = _load_file(path, spec, str(side) if side else ref_str)
+        except MissingSpec as exc:
+            raise exc.with_sources(side, looked_for) from None
+        adapter.spec_looked_for = tuple(looked_for)
     adapter.spec_file = side
     return adapter
 

@@ -7,7 +7,7 @@ import numpy as np
 
 from ..errors import AuditkitError
 from .identity import digest, hash_files, named_files, tree_files
-from .spec import ModelSpec
+from .spec import MissingSpec, ModelSpec
 from .tf_runtime import GraphFunction, configure_tensorflow
 
 # log(max(p, PROB_FLOOR)): a floor far below Keras' 1e-7 keeps a gradient for targets the model deems near-impossible.
@@ -37,6 +37,7 @@ class ModelAdapter:
         return None
 
     spec_file: Path | None = None  # the model.yaml the spec was read from (load_model sets it)
+    spec_looked_for: tuple[Path, ...] = ()  # where load_model looked for one, when it found none
 
     def model_files(self) -> list[Path]:
         """The files that define the model, without its spec file."""
@@ -198,13 +199,11 @@ def complete_spec(spec: ModelSpec, name: str, graph: ModelSpec) -> ModelSpec:
     """The spec, once it says everything the audit needs and agrees with what the model's graph says."""
     missing = [k for k in ("classes", "input_size", "channels") if getattr(spec, k) is None]
     if missing:
-        raise AuditkitError(
-            f"cannot tell the model's {', '.join(missing)} from the file; declare them in model.yaml next to "
-            "the model or with --model-spec", name)
+        raise MissingSpec(f"cannot tell the model's {', '.join(missing)} from the file", missing, name)
     if spec.layout == "NCHW" or spec.channels == 3:
         n = len(spec.mean)
         if n not in (1, spec.channels) or len(spec.std) not in (1, spec.channels):
-            raise AuditkitError(f"mean/std must have 1 or {spec.channels} values", name)
+            raise AuditkitError(f"mean/std must have 1 or {spec.channels} values (--mean / --std)", name)
     for what, declared, actual in (
             ("number of classes", len(spec.classes), len(graph.classes) if graph.classes else None),
             ("input size", spec.input_size, graph.input_size), ("channels", spec.channels, graph.channels)):

@@ -42,9 +42,20 @@ class OnnxAdapter(ModelAdapter):
             raw = self._run(onnx_input(probe_images(self.spec), self.spec))
             self.spec = dataclasses.replace(self.spec, output=detect_output(raw))
         self._gradient_state = None
+        self._parameters: int | None = None
 
     def model_files(self) -> list[Path]:
         return onnx_files(self.path)
+
+    @property
+    def parameters(self) -> int:
+        """The number of values in the graph's initializers (its weights and constants), counted once."""
+        if self._parameters is None:
+            import onnx
+
+            graph = onnx.load(str(self.path), load_external_data=False).graph
+            self._parameters = sum(int(np.prod(t.dims)) for t in graph.initializer)
+        return self._parameters
 
     def _run(self, model_input: np.ndarray) -> np.ndarray:
         if self.batch is None:

@@ -98,11 +98,44 @@ def _check(key: str, value: Any, where: str) -> Any:
     return value
 
 
+# The flag that sets each spec value on the command line (run, inspect).
+SPEC_FLAGS = {"classes": "--classes", "input_size": "--input-size", "channels": "--channels", "scale": "--scale",
+              "mean": "--mean", "std": "--std", "layout": "--layout", "output": "--output"}
+
+
+class MissingSpec(AuditkitError):
+    """The spec lacks values the audit needs; load_model says where it looked for them."""
+
+    def __init__(self, message: str, fields: list[str], where: str | None = None):
+        super().__init__(message, where)
+        self.fields = fields
+
+    def with_sources(self, spec_file: Path | None, looked_for: list[Path]) -> AuditkitError:
+        """The same problem, naming the spec file read (or the files looked for) and the flags that set the values."""
+        if spec_file is not None:
+            source = f"not stated in {spec_file}"
+        else:
+            source = f"no spec file found (looked for {', '.join(str(p) for p in looked_for)})"
+        flags = " / ".join(SPEC_FLAGS[f] for f in self.fields if f in SPEC_FLAGS)
+        return AuditkitError(f"{self.message}: {source}; state {', '.join(self.fields)} there, with --model-spec "
+                             f"FILE, or with {flags}", self.where)
+
+
+def sidecar_candidates(model_path: Path) -> list[Path]:
+    """Where a model's spec may be: `<dir>/model.yaml` for a directory; for a file `m.onnx`: `m.yaml`,
+    `m.onnx.yaml`, then `model.yaml` in its folder."""
+    if model_path.is_dir():
+        return [model_path / "model.yaml"]
+    return [model_path.with_suffix(".yaml"), model_path.with_name(model_path.name + ".yaml"),
+            model_path.parent / "model.yaml"]
+
+
 def sidecar_path(model_path: Path) -> Path | None:
-    """`model.yaml` next to the model: `<dir>/model.yaml` for a directory, else `<stem>.yaml` or `model.yaml`."""
-    candidates = [model_path / "model.yaml"] if model_path.is_dir() else []
-    candidates += [model_path.with_suffix(".yaml"), model_path.parent / "model.yaml"]
-    return next((c for c in candidates if c.is_file()), None)
+    """The model's spec file, or None. Both `m.yaml` and `m.onnx.yaml` present is refused: which one holds?"""
+    found = [c for c in sidecar_candidates(model_path) if c.is_file()]
+    if len(found) > 1 and found[1].name != "model.yaml":
+        raise AuditkitError(f"two spec files for one model: {found[0]} and {found[1]}; keep one", str(model_path))
+    return found[0] if found else None
 
 
 def read_sidecar(path: Path) -> dict[str, Any]:
