@@ -338,6 +338,7 @@ def evaluate(split: Split, rho: np.ndarray | None, classes, *, model: ModelAdapt
         split=split.name, n=len(pred), accuracy=M.accuracy(split.labels, pred),
         fooling_rate=M.fooling_rate(split.labels, pred), flip_rate=M.flip_rate(split.clean_pred, pred),
         targeted_success_rate=None if target is None else M.targeted_success_rate(pred, target),
+        targeted_induced_rate=None if target is None else M.targeted_induced_rate(split.clean_pred, pred, target),
         confusion=conf.tolist(), sensitivity=sens, ppv=ppv,
         dominant_label=None if dom is None else classes[dom], dominant_share=share, flipped=flipped,
         psnr=psnr, ssim=ssim)
@@ -381,6 +382,7 @@ def _summarise_controls(split: str, draws: list[SplitEval]) -> ControlSummary:
         flip_rate=M.pooled_rate([d.flip_rate for d in draws]),
         targeted_success_rate=M.pooled_rate([d.targeted_success_rate for d in draws]) if targeted else None,
         targeted_success_rate_std=float(np.std([d.targeted_success_rate.value for d in draws])) if targeted else None,
+        targeted_induced_rate=M.pooled_rate([d.targeted_induced_rate for d in draws]) if targeted else None,
     )
 
 

@@ -338,26 +338,40 @@ def zoo_train(
     out.print(f"weights: {out_dir / (name + '.weights.h5')} (sha256 {info['sha256'][:16]}…)")
 
 
+SUMMARY_LEGEND = ("induced = what the UAP changed: flip rate (prediction ≠ clean prediction); R_s induced (images not "
+                  "predicted as the target when clean that the UAP sends there). paper = the paper's rates, clean "
+                  "errors included: R_f (prediction ≠ true label); R_s (all images predicted as the target). In "
+                  "brackets: random noise of the same norm.")
+
+
 def _print_summary(result, out_dir: Path) -> None:
+    """Two rows a cell: what the UAP itself changed (clean errors left out), then the paper's rate; each with its
+    random controls' rate in brackets."""
     splits = result.data.eval_splits
     table = Table(title=f"{result.title}: {result.verdict}")
-    table.add_column("cell")
+    table.add_column("cell", overflow="fold")
+    table.add_column("metric", no_wrap=True)
     for s in splits:
-        table.add_column(f"{s}: UAP")
-        table.add_column(f"{s}: random")
+        table.add_column(f"{s}: UAP (random)", justify="right", no_wrap=True)
     for c in result.cells:
-        row = [c.key]
-        for s in splits:
-            ctrl = c.control_headline(s)
-            row += [f"{c.headline(s).value:.1%}", f"{ctrl.value:.1%}" if ctrl else "–"]
-        table.add_row(*row)
+        targeted = c.attack.kind == "targeted"
+        rows = [("R_s induced" if targeted else "flip rate", c.induced, c.control_induced),
+                ("R_s (paper)" if targeted else "R_f (paper)", c.headline, c.control_headline)]
+        for i, (metric, uap, random) in enumerate(rows):
+            values = [f"{_pct(uap(s))} ({_pct(random(s))})" for s in splits]
+            table.add_row(c.key if i == 0 else "", metric, *values, end_section=i == len(rows) - 1)
     out.print(table)
+    out.print(SUMMARY_LEGEND, style="dim")
     for r in result.rules:
         mark = "[green]PASS[/]" if r.passed else "[bold red]FAIL[/]"
         out.print(f"{mark} {escape(r.name)}: measured {r.measured:.3f} ({escape(r.worst_cell or r.split)}), "
                   f"{r.bound} {r.limit:g}", highlight=False, markup=True)
     colour = "green" if result.verdict == "PASS" else "bold red"
     out.print(f"verdict: [{colour}]{result.verdict}[/]  ->  {escape(str(out_dir))}", markup=True)
+
+
+def _pct(rate) -> str:
+    return "–" if rate is None or rate.value != rate.value else f"{rate.value:.1%}"
 
 
 def main() -> None:

@@ -32,7 +32,9 @@ from .models.registry import ZOO_CLASSES, ZOO_NAMES
 from .uap.base import AttackSettings, Crafting, Kind, Norm, SGDSettings, Zeta
 
 DEFAULT_CLASSES = ZOO_CLASSES
-Metric = Literal["fooling_rate", "flip_rate", "targeted_success_rate", "clean_accuracy", "uap_over_random"]
+Metric = Literal["fooling_rate", "flip_rate", "targeted_success_rate", "targeted_induced_rate", "clean_accuracy",
+                 "uap_over_random"]
+TARGETED_METRICS = ("targeted_success_rate", "targeted_induced_rate")
 ReportFormat = Literal["html", "pdf", "json", "junit"]
 
 
@@ -170,8 +172,8 @@ class Threshold(_Model):
 
     @property
     def effective_kind(self) -> Kind | None:
-        """The kind selector, with targeted implied by metric targeted_success_rate or a target."""
-        if self.kind is None and (self.metric == "targeted_success_rate" or self.target is not None):
+        """The kind selector, with targeted implied by a targeted metric or a target."""
+        if self.kind is None and (self.metric in TARGETED_METRICS or self.target is not None):
             return "targeted"
         return self.kind
 
@@ -201,8 +203,8 @@ class Threshold(_Model):
             for key in ("kind", "target", "norm", "zeta"):
                 if getattr(self, key) is not None:
                     raise _At((key,), "clean_accuracy is measured on clean images; remove this attack selector")
-        if self.kind == "nontargeted" and self.metric == "targeted_success_rate":
-            raise _At(("kind",), "targeted_success_rate applies to targeted attacks only")
+        if self.kind == "nontargeted" and self.metric in TARGETED_METRICS:
+            raise _At(("kind",), f"{self.metric} applies to targeted attacks only")
         if self.kind == "nontargeted" and self.target is not None:
             raise _At(("target",), "nontargeted attacks have no target; drop target or set kind: targeted")
         if self.name is None:

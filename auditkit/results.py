@@ -37,6 +37,7 @@ class SplitEval:
     flipped: int
     psnr: float | None = None  # mean over images, dB (None for the clean baseline)
     ssim: float | None = None
+    targeted_induced_rate: Rate | None = None  # prediction == target, over images not predicted so when clean
 
 
 @dataclass
@@ -50,6 +51,7 @@ class ControlSummary:
     flip_rate: Rate
     targeted_success_rate: Rate | None
     targeted_success_rate_std: float | None
+    targeted_induced_rate: Rate | None = None
 
 
 @dataclass
@@ -106,6 +108,18 @@ class CellResult:
         if c is None:
             return None
         return c.targeted_success_rate if self.attack.kind == "targeted" else c.fooling_rate
+
+    def induced(self, split: str) -> Rate | None:
+        """What the UAP itself changed, clean errors left out: the flip rate (nontargeted), or R_s over the images
+        not predicted as the target when clean (targeted)."""
+        ev = self.evals[split]
+        return ev.targeted_induced_rate if self.attack.kind == "targeted" else ev.flip_rate
+
+    def control_induced(self, split: str) -> Rate | None:
+        c = self.controls.get(split)
+        if c is None:
+            return None
+        return c.targeted_induced_rate if self.attack.kind == "targeted" else c.flip_rate
 
 
 @dataclass
