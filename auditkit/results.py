@@ -99,27 +99,24 @@ class CellResult:
     queries: int | None = None  # model queries spent (black-box crafting only)
 
     def headline(self, split: str) -> Rate:
-        """R_f for nontargeted cells, R_s for targeted ones."""
-        ev = self.evals[split]
-        return ev.targeted_success_rate if self.attack.kind == "targeted" else ev.fooling_rate
+        """R_f for nontargeted cells, R_s for targeted ones (the paper's rates: clean errors included)."""
+        return self._rate(self.evals[split], "targeted_success_rate", "fooling_rate")
 
     def control_headline(self, split: str) -> Rate | None:
-        c = self.controls.get(split)
-        if c is None:
-            return None
-        return c.targeted_success_rate if self.attack.kind == "targeted" else c.fooling_rate
+        return self._rate(self.controls.get(split), "targeted_success_rate", "fooling_rate")
 
     def induced(self, split: str) -> Rate | None:
         """What the UAP itself changed, clean errors left out: the flip rate (nontargeted), or R_s over the images
         not predicted as the target when clean (targeted)."""
-        ev = self.evals[split]
-        return ev.targeted_induced_rate if self.attack.kind == "targeted" else ev.flip_rate
+        return self._rate(self.evals[split], "targeted_induced_rate", "flip_rate")
 
     def control_induced(self, split: str) -> Rate | None:
-        c = self.controls.get(split)
-        if c is None:
+        return self._rate(self.controls.get(split), "targeted_induced_rate", "flip_rate")
+
+    def _rate(self, record: SplitEval | ControlSummary | None, targeted: str, nontargeted: str) -> Rate | None:
+        if record is None:
             return None
-        return c.targeted_induced_rate if self.attack.kind == "targeted" else c.flip_rate
+        return getattr(record, targeted if self.attack.kind == "targeted" else nontargeted)
 
 
 @dataclass
