@@ -55,7 +55,7 @@ def _load_file(path: Path, spec: dict[str, Any], where: str) -> ModelAdapter:
         return TF1CheckpointAdapter(meta.parent.name if meta.stem == "model" else meta.stem, meta, spec, where)
     if path.is_dir():
         if not (path / "saved_model.pb").is_file():
-            raise AuditkitError("directory is neither a TF SavedModel (no saved_model.pb) nor a TF1 checkpoint "
+            raise AuditkitError("directory is not a TF SavedModel (no saved_model.pb) or a TF1 checkpoint "
                                 "(no .meta file)", ref_str)
         from .savedmodel import SavedModelAdapter
 
