@@ -27,8 +27,8 @@ __all__ = ["run", "harden", "harden_model", "train_zoo", "rerender", "load_polic
 
 def run(model: str | Path | ModelAdapter, policy: str | Path | Policy, out_dir: str | Path, *,
         data: str | Path | None = None, image_root: str | Path | None = None, formats: Sequence[str] | None = None,
-        seed: int | None = None,
-        spec_overrides: Mapping[str, Any] | None = None, harden: bool | None = None,
+        seed: int | None = None, spec_overrides: Mapping[str, Any] | None = None, spec_file: str | Path | None = None,
+        harden: bool | None = None,
         surrogate: str | Path | None = None, deploy: str | Path | None = None, transfer: Sequence[str | Path] = (),
         jobs: int | None = None, command: str = "", sign_key: str | Path | None = None, sbom: bool = False,
         baseline: str | Path | None = None,
@@ -36,7 +36,8 @@ def run(model: str | Path | ModelAdapter, policy: str | Path | Policy, out_dir: 
     """Audit `model` under `policy` and write results, UAPs and reports into `out_dir`.
 
     `image_root` is the dataset root every image must lie in (default: the policy's data.image_root, else the
-    manifest's folder). `surrogate` crafts the UAPs on another (white-box) model; `deploy` is the file actually shipped (e.g. the
+    manifest's folder). `spec_file` is the model's model.yaml when not beside it; `spec_overrides` override it (CLI
+    flags). `surrogate` crafts the UAPs on another (white-box) model; `deploy` is the file actually shipped (e.g. the
     ONNX export), evaluated under every UAP with a parity check; `transfer` models (plus the policy's
     `transfer:` list) are evaluated under every UAP for a transferability matrix. `jobs` cells run at a time
     (default: one per CPU core), with the same results.
@@ -58,7 +59,7 @@ def run(model: str | Path | ModelAdapter, policy: str | Path | Policy, out_dir: 
     previous = read_baseline(baseline, policy) if baseline is not None else None
     if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
         raise AuditkitError(f"must be a positive integer, got {jobs!r}", "jobs")
-    adapter = model if isinstance(model, ModelAdapter) else load_model(model, spec_overrides)
+    adapter = model if isinstance(model, ModelAdapter) else load_model(model, spec_overrides, spec_file)
     surrogate_model = load_model(surrogate) if surrogate is not None else None
     if any(a != "blackbox" for g in policy.attacks for a in g.crafted_with):
         (surrogate_model or adapter).require_gradients()
@@ -69,8 +70,7 @@ def run(model: str | Path | ModelAdapter, policy: str | Path | Policy, out_dir: 
         check_trainable(adapter)
     deploy_model = load_model(deploy) if deploy is not None else None
     transfer_models = [load_model(t) for t in [*policy.transfer, *transfer]]
-    size = policy.data.preprocess.size or adapter.spec.input_size
-    dataset, fmt, synthetic = load_policy_data(policy, size, data, progress, image_root)
+    dataset, fmt, synthetic = load_policy_data(policy, adapter.spec, data, progress, image_root)
     formats = list(formats or policy.report.formats)
     out_dir = Path(out_dir)
     with staging_dir(out_dir, log) as work:
@@ -96,18 +96,17 @@ def run(model: str | Path | ModelAdapter, policy: str | Path | Policy, out_dir: 
 
 def harden(model: str | Path | ModelAdapter, policy: str | Path | Policy, out_dir: str | Path, *,
            data: str | Path | None = None, image_root: str | Path | None = None, seed: int | None = None,
-           spec_overrides: Mapping[str, Any] | None = None, progress: Progress | None = None,
-           log: Callable[[str], None] = lambda _msg: None) -> HardeningRecord:
+           spec_overrides: Mapping[str, Any] | None = None, spec_file: str | Path | None = None,
+           progress: Progress | None = None, log: Callable[[str], None] = lambda _msg: None) -> HardeningRecord:
     """Adversarial retraining alone: hardened.keras, hardened.onnx (parity-checked), hardened.yaml and
     hardening.json in `out_dir`, written through a staging folder as `run` writes; the round checkpoints in
     out_dir/hardening/ stay, so rerunning the same call resumes after the last finished round."""
     policy = _with_seed(policy if isinstance(policy, Policy) else load_policy(policy), seed)
-    adapter = model if isinstance(model, ModelAdapter) else load_model(model, spec_overrides)
+    adapter = model if isinstance(model, ModelAdapter) else load_model(model, spec_overrides, spec_file)
     from .harden import check_trainable
 
     check_trainable(adapter)
-    dataset, _, _ = load_policy_data(policy, policy.data.preprocess.size or adapter.spec.input_size, data, progress,
-                                     image_root)
+    dataset, _, _ = load_policy_data(policy, adapter.spec, data, progress, image_root)
     out_dir = Path(out_dir)
     with staging_dir(out_dir, log) as work:
         _, record = harden_model(policy, adapter, dataset, work, progress=progress, log=log,

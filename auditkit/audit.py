@@ -6,7 +6,7 @@ import platform
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
@@ -19,6 +19,7 @@ from . import perceptibility as P
 from .data import Dataset, Preprocess, load_dataset
 from .errors import AuditkitError
 from .models import ModelAdapter
+from .models.spec import ModelSpec, resolve_preprocessing
 from .policy import DataConfig, Policy, validate_against_classes
 from .results import (AuditResult, CellResult, ControlSummary, DataInfo, DeployParity, Example, ModelInfo,
                       Provenance, SplitEval, TransferEval)
@@ -58,11 +59,11 @@ class Split:
     clean_pred: np.ndarray
 
 
-def load_policy_data(policy: Policy, size: int, manifest: str | Path | None = None,
+def load_policy_data(policy: Policy, spec: ModelSpec, manifest: str | Path | None = None,
                      progress: Progress | None = None,
                      image_root: str | Path | None = None) -> tuple[Dataset, str, bool]:
-    """The policy's dataset (or `manifest` instead, under `image_root` instead of the policy's data.image_root):
-    (dataset, format, synthetic)."""
+    """The policy's dataset (or `manifest` instead, under `image_root` instead of the policy's data.image_root),
+    preprocessed as the policy and the model's spec say: (dataset, format, synthetic)."""
     from .phantoms import default_phantom_manifest
 
     cfg = policy.data
@@ -72,10 +73,11 @@ def load_policy_data(policy: Policy, size: int, manifest: str | Path | None = No
         source = default_phantom_manifest()
     progress = progress or SilentProgress()
     progress.start("loading images", 1)
+    prep = resolve_preprocessing(spec, cfg.preprocess.crop_top, cfg.preprocess.resize)
     dataset = load_dataset(source, cfg.classes, aliases=cfg.aliases, fmt=cfg.format,
                            image_root=cfg.image_root if image_root is None else image_root,
-                           preprocess=Preprocess(size=size, crop_top=cfg.preprocess.crop_top,
-                                                 resize=cfg.preprocess.resize),
+                           preprocess=Preprocess(size=cfg.preprocess.size or spec.input_size,
+                                                 crop_top=prep.crop_top, resize=prep.resize),
                            progress=lambda done, total: progress.update(done, total=total))
     progress.done()
     return dataset, cfg.format, synthetic
@@ -96,6 +98,9 @@ def run_audit(policy: Policy, model: ModelAdapter, dataset: Dataset, *, syntheti
     """
     progress = progress or SilentProgress()
     started, t0 = datetime.now(timezone.utc), time.perf_counter()
+    data_info = _data_info(policy.data, model.spec, dataset, data_format, synthetic)
+    for warning in data_info.warnings:
+        log(f"warning: {warning}")
     run = AuditRun.prepare(policy, model, dataset, out_dir, progress, surrogate=surrogate, deploy=deploy,
                            transfer=transfer)
     cells = run.run_cells(policy.cells(run.classes), progress, log, jobs)
@@ -105,7 +110,7 @@ def run_audit(policy: Policy, model: ModelAdapter, dataset: Dataset, *, syntheti
     finished = datetime.now(timezone.utc)
     return AuditResult(
         title=policy.report.title, organisation=policy.report.organisation, intended_use=policy.report.intended_use,
-        verdict=verdict(rules), model=model_info(model), data=_data_info(policy.data, dataset, data_format, synthetic),
+        verdict=verdict(rules), model=model_info(model), data=data_info,
         clean=run.clean, cells=cells, rules=rules,
         provenance=_provenance(policy, policy_path, command, started, finished, time.perf_counter() - t0),
         crafted_on=model_info(surrogate) if surrogate else None,
@@ -328,9 +333,12 @@ def _deploy_parity(model: ModelAdapter, deploy: ModelAdapter, splits: dict[str, 
 
 
 def model_info(model: ModelAdapter) -> ModelInfo:
+    """The model as the record identifies it: every file's digest and one over all, and the spec it was fed by."""
     return ModelInfo(name=model.name, format=model.format, path=str(model.path or ""), sha256=model.sha256(),
                      classes=list(model.classes), input_size=model.spec.input_size, channels=model.spec.channels,
-                     parameters=model.parameters, gradients=model.gradient_source())
+                     parameters=model.parameters, gradients=model.gradient_source(), digest=model.digest(),
+                     spec_file=str(model.spec_file or ""),
+                     spec={k: list(v) if isinstance(v, tuple) else v for k, v in asdict(model.spec).items()})
 
 
 def evaluate(split: Split, rho: np.ndarray | None, classes, *, model: ModelAdapter | None = None,
@@ -354,6 +362,7 @@ def evaluate(split: Split, rho: np.ndarray | None, classes, *, model: ModelAdapt
         split=split.name, n=len(pred), accuracy=M.accuracy(split.labels, pred),
         fooling_rate=M.fooling_rate(split.labels, pred), flip_rate=M.flip_rate(split.clean_pred, pred),
         targeted_success_rate=None if target is None else M.targeted_success_rate(pred, target),
+        targeted_induced_rate=None if target is None else M.targeted_induced_rate(split.clean_pred, pred, target),
         confusion=conf.tolist(), sensitivity=sens, ppv=ppv,
         dominant_label=None if dom is None else classes[dom], dominant_share=share, flipped=flipped,
         psnr=psnr, ssim=ssim)
@@ -361,9 +370,11 @@ def evaluate(split: Split, rho: np.ndarray | None, classes, *, model: ModelAdapt
 
 def _check_classes(model: ModelAdapter, dataset: Dataset) -> list[str]:
     if tuple(model.classes) != tuple(dataset.classes):
+        looked = ", ".join(str(p) for p in model.spec_looked_for)
+        source = f" (no spec file found: looked for {looked}; or use --classes)" if looked else ""
         raise AuditkitError(
             f"the model's classes {list(model.classes)} differ from the policy's data.classes "
-            f"{list(dataset.classes)}; list the classes in the model's output order", model.name)
+            f"{list(dataset.classes)}; list the classes in the model's output order{source}", model.name)
     return list(dataset.classes)
 
 
@@ -395,19 +406,22 @@ def _summarise_controls(split: str, draws: list[SplitEval]) -> ControlSummary:
         flip_rate=M.pooled_rate([d.flip_rate for d in draws]),
         targeted_success_rate=M.pooled_rate([d.targeted_success_rate for d in draws]) if targeted else None,
         targeted_success_rate_std=float(np.std([d.targeted_success_rate.value for d in draws])) if targeted else None,
+        targeted_induced_rate=M.pooled_rate([d.targeted_induced_rate for d in draws]) if targeted else None,
     )
 
 
-def _data_info(cfg: DataConfig, dataset: Dataset, fmt: str, synthetic: bool) -> DataInfo:
+def _data_info(cfg: DataConfig, spec: ModelSpec, dataset: Dataset, fmt: str, synthetic: bool) -> DataInfo:
     from .phantoms import PHANTOM_NOTICE
 
+    prep = resolve_preprocessing(spec, cfg.preprocess.crop_top, cfg.preprocess.resize)
     return DataInfo(
         source=dataset.source, format=fmt, synthetic=synthetic, manifest_sha256=dataset.manifest_sha256,
         content_sha256=dataset.content_sha256, classes=list(dataset.classes), counts=dataset.class_counts(),
         craft_split=cfg.craft_split, eval_splits=list(cfg.eval_splits),
-        preprocess={"size": int(dataset.images.shape[1]), "crop_top": cfg.preprocess.crop_top,
-                    "resize": cfg.preprocess.resize, "max_images": dict(cfg.max_images)},
-        notice=PHANTOM_NOTICE if synthetic else "")
+        preprocess={"size": int(dataset.images.shape[1]), "crop_top": prep.crop_top,
+                    "crop_top_from": prep.crop_top_from, "resize": prep.resize, "resize_from": prep.resize_from,
+                    "max_images": dict(cfg.max_images)},
+        notice=PHANTOM_NOTICE if synthetic else "", warnings=list(prep.warnings))
 
 
 def _provenance(policy: Policy, policy_path: str, command: str, started, finished, seconds) -> Provenance:

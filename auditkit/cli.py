@@ -177,19 +177,29 @@ def _formats(value: Optional[str]) -> Optional[list[str]]:
     return items
 
 
-def _spec_overrides(model_spec: Optional[Path], classes: Optional[str], input_size: Optional[int],
-                    channels: Optional[int], scale: Optional[float], output: Optional[str]) -> dict:
-    from .models.spec import read_sidecar
-
-    spec = read_sidecar(model_spec) if model_spec else {}
+def _spec_overrides(classes: Optional[str], input_size: Optional[int], channels: Optional[int],
+                    scale: Optional[float], output: Optional[str], layout: Optional[str] = None,
+                    mean: Optional[str] = None, std: Optional[str] = None) -> dict:
+    """The spec values given as flags; they override the model's spec file."""
     flags = {"classes": classes.split(",") if classes else None, "input_size": input_size, "channels": channels,
-             "scale": scale, "output": output}
-    return spec | {k: v for k, v in flags.items() if v is not None}
+             "scale": scale, "output": output, "layout": layout,
+             "mean": _numbers(mean, "--mean"), "std": _numbers(std, "--std")}
+    return {k: v for k, v in flags.items() if v is not None}
+
+
+def _numbers(value: Optional[str], flag: str) -> Optional[list[float]]:
+    if value is None:
+        return None
+    try:
+        return [float(v) for v in value.split(",")]
+    except ValueError:
+        raise AuditkitError(f"must be a number or comma-separated numbers, got {value!r}", flag) from None
 
 
 IMAGE_ROOT_OPT = typer.Option(None, "--image-root", help="Folder every image path must lie in (default: the "
                               "policy's data.image_root, else the manifest's folder).")
-MODEL_HELP = "Zoo name (covidnet_small, covidnet_large), .keras file, SavedModel directory or .onnx file."
+MODEL_HELP = ("Zoo name (covidnet_small, covidnet_large), .keras file, SavedModel directory, .onnx file or TF1 "
+              "checkpoint (model.meta, or its directory).")
 SPEC_OPTS = dict(
     model_spec=typer.Option(None, "--model-spec", help="A model.yaml to use instead of the one beside the model."),
     classes=typer.Option(None, "--classes", help="Comma-separated class names in output order."),
@@ -197,6 +207,9 @@ SPEC_OPTS = dict(
     channels=typer.Option(None, "--channels", help="1 or 3 (the grayscale plane is repeated)."),
     scale=typer.Option(None, "--scale", help="Model input = image in [0,1] x scale (then mean/std)."),
     output=typer.Option(None, "--output", help="softmax or logits."),
+    layout=typer.Option(None, "--layout", help="NHWC or NCHW."),
+    mean=typer.Option(None, "--mean", help="Subtracted after scaling: one number or one per channel, comma-separated."),
+    std=typer.Option(None, "--std", help="Divided by after the mean: one number or one per channel."),
 )
 
 
@@ -237,6 +250,8 @@ def run(
     model_spec: Optional[Path] = SPEC_OPTS["model_spec"], classes: Optional[str] = SPEC_OPTS["classes"],
     input_size: Optional[int] = SPEC_OPTS["input_size"], channels: Optional[int] = SPEC_OPTS["channels"],
     scale: Optional[float] = SPEC_OPTS["scale"], output: Optional[str] = SPEC_OPTS["output"],
+    layout: Optional[str] = SPEC_OPTS["layout"], mean: Optional[str] = SPEC_OPTS["mean"],
+    std: Optional[str] = SPEC_OPTS["std"],
 ):
     """Run a policy's UAP audit on a model; write results.json, report.html/.pdf, junit.xml, uaps/ and
     evidence.json (digests of all of them, for `auditkit verify`).
@@ -246,12 +261,11 @@ def run(
     from . import api
 
     fmts = _formats(formats)
-    overrides = _spec_overrides(model_spec, classes, input_size, channels, scale, output)
+    overrides = _spec_overrides(classes, input_size, channels, scale, output, layout, mean, std)
     command = "auditkit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     with RichProgress() as progress:
         result = api.run(model, policy, out_dir, data=data, image_root=image_root, formats=fmts, seed=seed,
-                         spec_overrides=overrides,
-                         harden=harden, surrogate=surrogate, deploy=deploy, transfer=transfer or (), jobs=jobs,
+                         spec_overrides=overrides, spec_file=model_spec, harden=harden, surrogate=surrogate, deploy=deploy, transfer=transfer or (), jobs=jobs,
                          command=command, sign_key=sign, sbom=sbom, baseline=baseline, progress=progress,
                          log=_log)
     if summary_md is not None:
@@ -291,7 +305,8 @@ def harden_cmd(
 
     with RichProgress() as progress:
         record = api.harden(model, policy, out_dir, data=data, image_root=image_root, seed=seed, progress=progress,
-                            log=_log, spec_overrides=_spec_overrides(model_spec, classes, None, None, None, None))
+                            log=_log, spec_overrides=_spec_overrides(classes, None, None, None, None),
+                            spec_file=model_spec)
     first, last = record.rounds[0], record.rounds[-1]
     parity = record.parity
     out.print(f"attack success {first.attack_rate.value:.1%} -> {last.attack_rate.value:.1%}, clean accuracy "
@@ -402,22 +417,34 @@ def inspect(
     model_spec: Optional[Path] = SPEC_OPTS["model_spec"], classes: Optional[str] = SPEC_OPTS["classes"],
     input_size: Optional[int] = SPEC_OPTS["input_size"], channels: Optional[int] = SPEC_OPTS["channels"],
     scale: Optional[float] = SPEC_OPTS["scale"], output: Optional[str] = SPEC_OPTS["output"],
+    layout: Optional[str] = SPEC_OPTS["layout"], mean: Optional[str] = SPEC_OPTS["mean"],
+    std: Optional[str] = SPEC_OPTS["std"],
 ):
     """Show a model's classes, input spec, format and file hashes."""
     from .models import load_model
 
-    m = load_model(model, _spec_overrides(model_spec, classes, input_size, channels, scale, output))
+    m = load_model(model, _spec_overrides(classes, input_size, channels, scale, output, layout, mean, std), model_spec)
     s = m.spec
     table = Table(title=f"model {m.name}", show_header=False)
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")  # digests in full, folded, never cut
     rows = [("format", m.format), ("path", str(m.path or "")), ("classes", ", ".join(m.classes)),
             ("input", f"{s.input_size}x{s.input_size}, {s.channels} channel(s), {s.layout}"),
             ("preprocessing", f"x*{s.scale:g}, mean {list(s.mean)}, std {list(s.std)}"),
+            ("trained with", f"crop_top {_stated(s.crop_top)}, resize {_stated(s.resize)}"),
             ("output", s.output), ("parameters", f"{m.parameters:,}" if m.parameters else "unknown"),
-            ("white-box gradients", f"yes — {m.gradient_source()}" if m.can_craft else f"no — {m.craft_refusal}")]
+            ("white-box gradients", f"yes — {m.gradient_source()}" if m.can_craft else f"no — {m.craft_refusal}"),
+            ("spec file", str(m.spec_file or "none")), ("digest (all files)", m.digest())]
     rows += [(f"sha256 {name}", digest) for name, digest in m.sha256().items()]
     for k, v in rows:
         table.add_row(k, v)
     out.print(table)
+
+
+def _stated(value) -> str:
+    if value is None:
+        return "not stated (auditkit's default unless the policy sets it)"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 @app.command()
@@ -466,20 +493,30 @@ def zoo_train(
     out.print(f"weights: {out_dir / (name + '.weights.h5')} (sha256 {info['sha256'][:16]}…)")
 
 
+SUMMARY_LEGEND = ("induced = what the UAP changed: flip rate (prediction ≠ clean prediction); R_s induced (images not "
+                  "predicted as the target when clean that the UAP sends there). paper = the paper's rates, clean "
+                  "errors included: R_f (prediction ≠ true label); R_s (all images predicted as the target). In "
+                  "brackets: random noise of the same norm.")
+
+
 def _print_summary(result, out_dir: Path) -> None:
+    """Two rows a cell: what the UAP itself changed (clean errors left out), then the paper's rate; each with its
+    random controls' rate in brackets."""
     splits = result.data.eval_splits
     table = Table(title=f"{result.title}: {result.verdict}")
-    table.add_column("cell")
+    table.add_column("cell", overflow="fold")
+    table.add_column("metric", no_wrap=True)
     for s in splits:
-        table.add_column(f"{s}: UAP")
-        table.add_column(f"{s}: random")
+        table.add_column(f"{s}: UAP (random)", justify="right", no_wrap=True)
     for c in result.cells:
-        row = [c.key]
-        for s in splits:
-            ctrl = c.control_headline(s)
-            row += [f"{c.headline(s).value:.1%}", f"{ctrl.value:.1%}" if ctrl else "–"]
-        table.add_row(*row)
+        targeted = c.attack.kind == "targeted"
+        rows = [("R_s induced" if targeted else "flip rate", c.induced, c.control_induced),
+                ("R_s (paper)" if targeted else "R_f (paper)", c.headline, c.control_headline)]
+        for i, (metric, uap, random) in enumerate(rows):
+            values = [f"{_pct(uap(s))} ({_pct(random(s))})" for s in splits]
+            table.add_row(c.key if i == 0 else "", metric, *values, end_section=i == len(rows) - 1)
     out.print(table)
+    out.print(SUMMARY_LEGEND, style="dim")
     for r in result.rules:
         mark = f"[{STATUS_COLOURS[r.status]}]{r.status}[/]"
         rise = "" if r.increase is None else \
@@ -489,6 +526,10 @@ def _print_summary(result, out_dir: Path) -> None:
                   f"{r.bound} {r.limit:g}{rise}{checks}", highlight=False, markup=True)
     colour = STATUS_COLOURS[result.verdict]
     out.print(f"verdict: [{colour}]{result.verdict}[/]  ->  {escape(str(out_dir))}", markup=True)
+
+
+def _pct(rate) -> str:
+    return "–" if rate is None or rate.value != rate.value else f"{rate.value:.1%}"
 
 
 def main() -> None:

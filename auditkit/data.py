@@ -36,6 +36,7 @@ _RESAMPLE = {
     "lanczos": Image.Resampling.LANCZOS,
     "area": Image.Resampling.BOX,
 }
+RESIZE_METHODS = tuple(_RESAMPLE)
 _CACHE_VERSION = 2  # bump when decoding or preprocessing changes what a cached array holds
 
 

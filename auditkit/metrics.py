@@ -74,6 +74,14 @@ def targeted_success_rate(adv_pred, target: int) -> Rate:
     return rate(int(np.count_nonzero(adv_pred == target)), adv_pred.size)
 
 
+def targeted_induced_rate(clean_pred, adv_pred, target: int) -> Rate:
+    """What a targeted UAP did: share of the images NOT predicted as `target` when clean that are under attack."""
+    clean_pred, adv_pred = _labels(clean_pred=clean_pred, adv_pred=adv_pred)
+    target = _class_index(target, "target")
+    moved = clean_pred != target
+    return rate(int(np.count_nonzero(adv_pred[moved] == target)), int(np.count_nonzero(moved)))
+
+
 def accuracy(true_labels, pred) -> Rate:
     """Share of images predicted as their true label."""
     true_labels, pred = _labels(true_labels=true_labels, pred=pred)

@@ -35,7 +35,9 @@ from .messages import quote, shown
 from .yaml_budget import check_expanded_size, read_text
 
 DEFAULT_CLASSES = ZOO_CLASSES
-Metric = Literal["fooling_rate", "flip_rate", "targeted_success_rate", "clean_accuracy", "uap_over_random"]
+Metric = Literal["fooling_rate", "flip_rate", "targeted_success_rate", "targeted_induced_rate", "clean_accuracy",
+                 "uap_over_random"]
+TARGETED_METRICS = ("targeted_success_rate", "targeted_induced_rate")
 ReportFormat = Literal["html", "pdf", "json", "junit"]
 
 
@@ -80,10 +82,18 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
+def _crop_top(v: Any) -> Any:
+    if v == "model" or (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 0.5):
+        return v if v == "model" else float(v)
+    raise ValueError(f"must be 'model' (the model's own) or a fraction in [0, 0.5), got {v!r}")
+
+
 class Preprocess(_Model):
+    """How images are cropped and resized; "model" (the default) means as the model's spec states."""
+
     size: int | None = Field(None, ge=8, le=1024)  # None: the model's own input size
-    crop_top: float = Field(1 / 6, ge=0, lt=0.5)
-    resize: Literal["bilinear", "bicubic", "nearest", "lanczos", "area"] = "bilinear"
+    crop_top: Annotated[float | Literal["model"], BeforeValidator(_crop_top)] = "model"
+    resize: Literal["bilinear", "bicubic", "nearest", "lanczos", "area", "model"] = "model"
 
 
 class DataConfig(_Model):
@@ -176,8 +186,8 @@ class Threshold(_Model):
 
     @property
     def effective_kind(self) -> Kind | None:
-        """The kind selector, with targeted implied by metric targeted_success_rate or a target."""
-        if self.kind is None and (self.metric == "targeted_success_rate" or self.target is not None):
+        """The kind selector, with targeted implied by a targeted metric or a target."""
+        if self.kind is None and (self.metric in TARGETED_METRICS or self.target is not None):
             return "targeted"
         return self.kind
 
@@ -208,8 +218,8 @@ class Threshold(_Model):
             for key in ("kind", "target", "norm", "zeta", "algorithm"):
                 if getattr(self, key) is not None:
                     raise _At((key,), "clean_accuracy is measured on clean images; remove this attack selector")
-        if self.kind == "nontargeted" and self.metric == "targeted_success_rate":
-            raise _At(("kind",), "targeted_success_rate applies to targeted attacks only")
+        if self.kind == "nontargeted" and self.metric in TARGETED_METRICS:
+            raise _At(("kind",), f"{self.metric} applies to targeted attacks only")
         if self.kind == "nontargeted" and self.target is not None:
             raise _At(("target",), "nontargeted attacks have no target; drop target or set kind: targeted")
         if self.max_increase is not None and (not self.per_cell or self.max is None):

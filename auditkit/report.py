@@ -544,6 +544,7 @@ def _junit_suite(result: AuditResult, label: str) -> ET.Element:
         "time": f"{prov.seconds:.3f}", "timestamp": _xml(prov.started)})
     props = ET.SubElement(suite, "properties")
     entries = [("verdict", result.verdict), ("model", result.model.name)]
+    entries += [("model.digest", result.model.digest)] if result.model.digest else []
     entries += [("model.sha256", f"{sha}  {name}") for name, sha in result.model.sha256.items()]
     entries += [("policy.sha256", prov.policy_sha256), ("seed", prov.seed), ("auditkit", prov.auditkit)]
     for name, value in entries:

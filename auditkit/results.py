@@ -37,6 +37,7 @@ class SplitEval:
     flipped: int
     psnr: float | None = None  # mean over images, dB (None for the clean baseline)
     ssim: float | None = None
+    targeted_induced_rate: Rate | None = None  # prediction == target, over images not predicted so when clean
 
 
 @dataclass
@@ -50,6 +51,7 @@ class ControlSummary:
     flip_rate: Rate
     targeted_success_rate: Rate | None
     targeted_success_rate_std: float | None
+    targeted_induced_rate: Rate | None = None
 
 
 @dataclass
@@ -117,24 +119,31 @@ class CellResult:
     strength: StrengthChecks | None = None
 
     def headline(self, split: str) -> Rate:
-        """R_f for nontargeted cells, R_s for targeted ones."""
-        ev = self.evals[split]
-        return ev.targeted_success_rate if self.attack.kind == "targeted" else ev.fooling_rate
+        """R_f for nontargeted cells, R_s for targeted ones (the paper's rates: clean errors included)."""
+        return self._rate(self.evals[split], "targeted_success_rate", "fooling_rate")
 
     def metric_value(self, metric: str, split: str) -> float:
-        """A threshold metric of this cell on one split (uap_over_random: headline minus its random control)."""
-        ev = self.evals[split]
+        """A threshold metric of this cell on one split (uap_over_random: the lift of what the attack changed over
+        its random control's, clean errors left out)."""
         if metric == "uap_over_random":
-            return self.headline(split).value - self.control_headline(split).value
-        if metric == "targeted_success_rate":
-            return ev.targeted_success_rate.value
-        return getattr(ev, metric).value
+            return self.induced(split).value - self.control_induced(split).value
+        return getattr(self.evals[split], metric).value
 
     def control_headline(self, split: str) -> Rate | None:
-        c = self.controls.get(split)
-        if c is None:
+        return self._rate(self.controls.get(split), "targeted_success_rate", "fooling_rate")
+
+    def induced(self, split: str) -> Rate | None:
+        """What the UAP itself changed, clean errors left out: the flip rate (nontargeted), or R_s over the images
+        not predicted as the target when clean (targeted)."""
+        return self._rate(self.evals[split], "targeted_induced_rate", "flip_rate")
+
+    def control_induced(self, split: str) -> Rate | None:
+        return self._rate(self.controls.get(split), "targeted_induced_rate", "flip_rate")
+
+    def _rate(self, record: SplitEval | ControlSummary | None, targeted: str, nontargeted: str) -> Rate | None:
+        if record is None:
             return None
-        return c.targeted_success_rate if self.attack.kind == "targeted" else c.fooling_rate
+        return getattr(record, targeted if self.attack.kind == "targeted" else nontargeted)
 
 
 @dataclass
@@ -173,6 +182,9 @@ class ModelInfo:
     parameters: int | None
     description: str = ""
     gradients: str | None = None  # how input gradients were obtained; None where none were needed
+    digest: str = ""  # one SHA-256 over every file in sha256 (models.identity.digest)
+    spec_file: str = ""  # the model.yaml the spec was read from ("" where none)
+    spec: dict[str, Any] = field(default_factory=dict)  # the complete spec the inputs were fed with
 
 
 @dataclass
@@ -186,8 +198,9 @@ class DataInfo:
     counts: dict[str, dict[str, int]]  # split -> class -> images
     craft_split: str
     eval_splits: list[str]
-    preprocess: dict[str, Any]
+    preprocess: dict[str, Any]  # what was used: size, crop_top, resize (and where each came from), max_images
     notice: str = ""
+    warnings: list[str] = field(default_factory=list)  # e.g. a policy preprocessing unlike the model's own
 
 
 @dataclass

@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import AuditkitError
-from ..fileio import sha256_files
-from .spec import ModelSpec
+from .identity import digest, hash_files, named_files, tree_files
+from .spec import MissingSpec, ModelSpec
 from .tf_runtime import GraphFunction, configure_tensorflow
 
 # log(max(p, PROB_FLOOR)): a floor far below Keras' 1e-7 keeps a gradient for targets the model deems near-impossible.
@@ -26,6 +26,7 @@ class ModelAdapter:
         self.name = name
         self.path = path
         self.spec = spec
+        self._sha256: dict[str, str] | None = None
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -35,8 +36,33 @@ class ModelAdapter:
     def parameters(self) -> int | None:
         return None
 
+    spec_file: Path | None = None  # the model.yaml the spec was read from (load_model sets it)
+    spec_looked_for: tuple[Path, ...] = ()  # where load_model looked for one, when it found none
+
+    def model_files(self) -> list[Path]:
+        """The files that define the model, without its spec file."""
+        if self.path is None:
+            return []
+        return tree_files(self.path) if self.path.is_dir() else [self.path]
+
+    def files(self) -> dict[str, Path]:
+        """Every file that defines the model, spec file included, by name relative to the model's folder."""
+        if self.path is None:
+            return {}
+        paths = self.model_files()
+        if self.spec_file is not None and self.spec_file.resolve() not in {p.resolve() for p in paths}:
+            paths.append(self.spec_file)
+        return named_files(paths, self.path if self.path.is_dir() else self.path.parent)
+
     def sha256(self) -> dict[str, str]:
-        return sha256_files(self.path) if self.path is not None else {}
+        """SHA-256 of every file that defines the model, hashed once (at the first call)."""
+        if self._sha256 is None:
+            self._sha256 = hash_files(self.files())
+        return self._sha256
+
+    def digest(self) -> str:
+        """One SHA-256 over all of the model's files (identity.digest)."""
+        return digest(self.sha256())
 
     def check_images(self, images: np.ndarray) -> np.ndarray:
         images = np.asarray(images, dtype=np.float32)
@@ -173,13 +199,11 @@ def complete_spec(spec: ModelSpec, name: str, graph: ModelSpec) -> ModelSpec:
     """The spec, once it says everything the audit needs and agrees with what the model's graph says."""
     missing = [k for k in ("classes", "input_size", "channels") if getattr(spec, k) is None]
     if missing:
-        raise AuditkitError(
-            f"cannot tell the model's {', '.join(missing)} from the file; declare them in model.yaml next to "
-            "the model or with --model-spec", name)
+        raise MissingSpec(f"cannot tell the model's {', '.join(missing)} from the file", missing, name)
     if spec.layout == "NCHW" or spec.channels == 3:
         n = len(spec.mean)
         if n not in (1, spec.channels) or len(spec.std) not in (1, spec.channels):
-            raise AuditkitError(f"mean/std must have 1 or {spec.channels} values", name)
+            raise AuditkitError(f"mean/std must have 1 or {spec.channels} values (--mean / --std)", name)
     for what, declared, actual in (
             ("number of classes", len(spec.classes), len(graph.classes) if graph.classes else None),
             ("input size", spec.input_size, graph.input_size), ("channels", spec.channels, graph.channels)):

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import AuditkitError
+from .identity import onnx_files
 from .spec import ModelSpec
 from .checks import check_input_rank, check_input_shape, onnx_session
 from .base import ModelAdapter, complete_spec, detect_output, infer_spec, model_input, probe_images
@@ -39,6 +40,20 @@ class OnnxAdapter(ModelAdapter):
             raw = self._run(onnx_input(probe_images(self.spec), self.spec))
             self.spec = dataclasses.replace(self.spec, output=detect_output(raw))
         self._gradient_state = None
+        self._parameters: int | None = None
+
+    def model_files(self) -> list[Path]:
+        return onnx_files(self.path)
+
+    @property
+    def parameters(self) -> int:
+        """The number of values in the graph's initializers (its weights and constants), counted once."""
+        if self._parameters is None:
+            import onnx
+
+            graph = onnx.load(str(self.path), load_external_data=False).graph
+            self._parameters = sum(int(np.prod(t.dims)) for t in graph.initializer)
+        return self._parameters
 
     def _run(self, model_input: np.ndarray) -> np.ndarray:
         if self.batch is None:

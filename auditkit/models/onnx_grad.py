@@ -32,11 +32,17 @@ GradientFn = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
 def session(model):
-    """An onnxruntime CPU session for an in-memory model (warnings about unused initializers silenced)."""
+    """An onnxruntime CPU session for an in-memory model (warnings about unused initializers silenced).
+
+    One thread inside each call: the UAP loop makes many small calls, cells run side by side, and onnxruntime's
+    spinning worker threads then fight each other. covidnet_small's tf2onnx export at 128 px, 256 crafting images,
+    2 passes on a shared 2-core Xeon: 2.1-2.5 ms per visited image with the default threads, 0.63-0.64 ms with one
+    (Keras loop: 0.59-0.72 ms), the same UAP bit for bit (benchmarks/bench_onnx_vs_keras.py)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.intra_op_num_threads = 1
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 

@@ -112,6 +112,13 @@ def zoo_entry(name: str) -> ZooEntry:
     return ZOO[name]
 
 
+def zoo_spec(name: str) -> dict:
+    """The zoo model's spec: its classes, grayscale input, softmax output and COVID-Net's preprocessing (drop the
+    top 1/6 of rows, bilinear resize), which the shipped weights were trained with."""
+    return {"classes": list(zoo_entry(name).classes), "channels": 1, "output": "softmax",
+            "crop_top": 1 / 6, "resize": "bilinear"}
+
+
 def build_model(name: str, input_size: int | None = None, seed: int = 0):
     """A freshly initialised zoo model (weights fixed by `seed`); input "image" (H, W, 1) in [0, 1]."""
     entry = zoo_entry(name)
