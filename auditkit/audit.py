@@ -99,14 +99,14 @@ def run_audit(policy: Policy, model: ModelAdapter, dataset: Dataset, *, syntheti
     progress = progress or SilentProgress()
     started, t0 = datetime.now(timezone.utc), time.perf_counter()
     data_info = _data_info(policy.data, model.spec, dataset, data_format, synthetic)
-    for warning in data_info.warnings:
-        log(f"warning: {warning}")
     run = AuditRun.prepare(policy, model, dataset, out_dir, progress, surrogate=surrogate, deploy=deploy,
                            transfer=transfer)
     cells = run.run_cells(policy.cells(run.classes), progress, log, jobs)
     check_monotone(cells, run.eval_splits)
     check_reachability(cells, run.reach, policy.strength.reach_zeta, policy.strength.reach_rate)
     rules = apply_rules(policy.thresholds, cells, run.clean)
+    for warning in data_info.warnings:  # after the work, so that an error stays the only line on stderr
+        log(f"warning: {warning}")
     finished = datetime.now(timezone.utc)
     return AuditResult(
         title=policy.report.title, organisation=policy.report.organisation, intended_use=policy.report.intended_use,

@@ -62,7 +62,7 @@ def test_run_writes_every_output_and_exits_0_on_pass(passing_run):
         assert cell["evals"]["test"]["n"] == 60 and cell["controls"]["test"]["draws"] == 2
     prov = results["provenance"]
     assert prov["seed"] == 5 and len(prov["policy_sha256"]) == 64 and prov["tensorflow"]
-    assert set(results["model"]["sha256"]) == {"tiny.keras"}
+    assert set(results["model"]["sha256"]) == {"tiny.keras", "tiny.yaml"}  # the model and its spec sidecar
     assert not list(d.glob(".out.partial-*")), "the staging folder was left behind"
 
 

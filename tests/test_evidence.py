@@ -108,7 +108,8 @@ def test_statement_lists_every_output_and_records_inputs(signed_run):
     p = statement["predicate"]
     assert p["verdict"] == results["verdict"] and p["seed"] == 5
     assert p["data"]["decoded_images"]["sha256"] == results["data"]["content_sha256"]
-    assert p["model"]["files"] == [{"name": "tiny.keras", "digest": {"sha256": results["model"]["sha256"]["tiny.keras"]}}]
+    assert p["model"]["files"] == [{"name": name, "digest": {"sha256": results["model"]["sha256"][name]}}
+                                   for name in ("tiny.keras", "tiny.yaml")]
     assert p["policy"]["text"] == policy.read_text() and p["policy"]["sha256"] == results["provenance"]["policy_sha256"]
     assert p["versions"]["tensorflow"] and p["versions"]["cryptography"] and p["started"] <= p["finished"]
 

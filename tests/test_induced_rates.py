@@ -55,8 +55,8 @@ thresholds:
     max: 1.0
 report: {title: t, formats: [json]}
 """)
-    res = runner.invoke(app, ["run", "-m", str(model), "-p", str(policy), "-o", str(tmp_path / "out")],
-                        env={"COLUMNS": "160"})
+    res = runner.invoke(app, ["run", "-m", str(model), "-p", str(policy), "-o", str(tmp_path / "out"),
+                              "--allow-inconclusive"], env={"COLUMNS": "160"})
     assert res.exit_code == 0, res.output
     for name in ("flip rate", "R_f (paper)", "R_s induced", "R_s (paper)"):
         assert name in res.output

@@ -63,7 +63,7 @@ def test_the_run_records_and_reports_the_preprocessing_used(tmp_path, crop_top, 
     policy = tmp_path / "p.yaml"
     policy.write_text(POLICY.format(crop_top=crop_top))
     res = runner.invoke(app, ["run", "-m", str(model), "-p", str(policy), "-o", str(tmp_path / "out")])
-    assert res.exit_code in (0, 1), res.output
+    assert res.exit_code in (0, 1, 4), res.output  # the verdict is not what this test is about
     data = json.loads((tmp_path / "out" / "results.json").read_text())["data"]
     assert data["preprocess"]["crop_top"] == used
     assert data["preprocess"]["crop_top_from"] == ("policy" if warned else "model")
