@@ -30,6 +30,7 @@ from bench_uap import fmt_rate, machine_line, timed  # noqa: E402
 from cxr3_model import (  # noqa: E402
     CLASSES, RECIPE, cached_cnn, cnn_adapter, crafting_subset, cxr3_missing_reason, load_cxr3, train_cnn)
 from test_onnx_grad import per_sample_error  # noqa: E402
+from torch_net import small_torch_net  # noqa: E402
 
 from auditkit import metrics  # noqa: E402
 from auditkit.models import keras_adapter, load_model, onnx_grad  # noqa: E402
@@ -62,32 +63,6 @@ def export_keras(model, path: Path):
     sig = (tf.TensorSpec((None, SIZE, SIZE, 1), tf.float32, name="image"),)
     tf2onnx.convert.from_keras(model, input_signature=sig, opset=17, output_path=str(path))
     return load_model(path, {"classes": list(CLASSES)})
-
-
-def torch_net():
-    """NCHW logits CNN as in tests/test_onnx_grad.py at 64x64 (BatchNorm, depthwise, residual add, concat)."""
-    import torch
-    from torch import nn
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.stem, self.bn = nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8)
-            self.dw, self.pw = nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Conv2d(8, 4, 1)
-            self.fc = nn.Linear(12 * (SIZE // 4) ** 2, len(CLASSES))
-
-        def forward(self, x):
-            x = torch.relu(self.bn(self.stem(x)))
-            x = x + torch.relu(self.dw(x))
-            x = torch.cat([x, torch.relu(self.pw(x))], 1)
-            return self.fc(nn.functional.max_pool2d(x, 2).flatten(1))
-
-    torch.manual_seed(0)
-    net = Net().eval()
-    with torch.no_grad():
-        net.bn.running_mean.uniform_(-0.2, 0.2)
-        net.bn.running_var.uniform_(0.5, 1.5)
-    return net
 
 
 def export_torch(net, path: Path, dynamo: bool):
@@ -243,7 +218,7 @@ def main(argv=None) -> None:
     keras_a, path_a, seconds = cached_cnn(data)
     print(f"model A: cxr3 CNN {path_a.name} ({'trained in %.1f s' % seconds if seconds is not None else 'cached'})")
     a = cnn_adapter(keras_a)
-    net = torch_net()
+    net = small_torch_net(SIZE, len(CLASSES))
     with tempfile.TemporaryDirectory(prefix="bench_onnx_") as tmp:
         onnx_a = export_keras(keras_a, Path(tmp) / "cxr3_cnn.onnx")
         subjects = [("cxr3 CNN, tf2onnx", onnx_a, "Keras GradientTape", a.loss_gradient)]

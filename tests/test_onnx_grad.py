@@ -149,29 +149,10 @@ def test_sgd_uap_on_onnx_equals_keras(twins, norm):
 
 
 def torch_net():
-    """NCHW, one channel, logits; BatchNorm (folded at export), depthwise, residual add, concat, max-pool."""
     torch = pytest.importorskip("torch")
-    from torch import nn
+    from torch_net import small_torch_net
 
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.stem, self.bn = nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8)
-            self.dw, self.pw = nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Conv2d(8, 4, 1)
-            self.fc = nn.Linear(12 * 8 * 8, 3)
-
-        def forward(self, x):
-            x = torch.relu(self.bn(self.stem(x)))
-            x = x + torch.relu(self.dw(x))
-            x = torch.cat([x, torch.relu(self.pw(x))], 1)
-            return self.fc(nn.functional.max_pool2d(x, 2).flatten(1))
-
-    torch.manual_seed(0)
-    net = Net().eval()
-    with torch.no_grad():
-        net.bn.running_mean.uniform_(-0.2, 0.2)
-        net.bn.running_var.uniform_(0.5, 1.5)
-    return torch, net
+    return torch, small_torch_net(32)
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.export's own deprecation chatter
