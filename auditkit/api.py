@@ -9,6 +9,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from .audit import Progress, SilentProgress, load_policy_data, run_audit
 from .baseline import apply_change_bounds, read_baseline
+from .checkpoints import CellStore, dataset_digest, resume_dir
 from .data import Dataset, Preprocess, load_dataset
 from .errors import AuditkitError
 from .fileio import atomic_write_text
@@ -31,7 +32,7 @@ def run(model: str | Path | ModelAdapter, policy: str | Path | Policy, out_dir: 
         harden: bool | None = None,
         surrogate: str | Path | None = None, deploy: str | Path | None = None, transfer: Sequence[str | Path] = (),
         jobs: int | None = None, command: str = "", sign_key: str | Path | None = None, sbom: bool = False,
-        baseline: str | Path | None = None,
+        baseline: str | Path | None = None, resume: bool = True,
         progress: Progress | None = None, log: Callable[[str], None] = lambda _msg: None) -> AuditResult:
     """Audit `model` under `policy` and write results, UAPs and reports into `out_dir`.
 
@@ -46,6 +47,9 @@ def run(model: str | Path | ModelAdapter, policy: str | Path | Policy, out_dir: 
     Ed25519 key in `sign_key` when given) and, with `sbom`, a CycloneDX SBOM of the environment.
     `baseline` is an earlier audit's results.json under the same policy: every cell is compared with it, and
     rules with `max_increase` fail where a cell got worse by more than that.
+
+    With `resume`, every finished cell is kept beside `out_dir` (checkpoints.resume_dir) until the run
+    finishes: rerunning the same call after a kill reuses them (a changed model, data or policy starts afresh).
 
     With hardening (the policy's `hardening.enabled`, or `harden=True`) the model is then retrained against
     UAPs and the whole policy is re-run on the hardened model (`result.hardened`). Everything but the
@@ -74,10 +78,12 @@ def run(model: str | Path | ModelAdapter, policy: str | Path | Policy, out_dir: 
     formats = list(formats or policy.report.formats)
     out_dir = Path(out_dir)
     with staging_dir(out_dir, log) as work:
+        store = _cell_store(out_dir, policy, dataset, [adapter, surrogate_model, deploy_model, *transfer_models],
+                            log) if resume else None
         audit_args = dict(synthetic=synthetic, data_format=fmt, command=command, policy_path=policy_path,
                           progress=progress, log=log, jobs=jobs)
         result = run_audit(policy, adapter, dataset, out_dir=work, surrogate=surrogate_model, deploy=deploy_model,
-                           transfer=transfer_models, **audit_args)
+                           transfer=transfer_models, store=store, **audit_args)
         apply_change_bounds(result, policy, previous, str(baseline or ""))
         if hardening:
             hardened, result.hardening = harden_model(policy, adapter, dataset, work, progress=progress, log=log,
@@ -91,7 +97,23 @@ def run(model: str | Path | ModelAdapter, policy: str | Path | Policy, out_dir: 
             write_sbom(work)
         write_evidence(result, work, policy_as_written, signing_key)
         _publish(work, out_dir)
+    if store is not None:
+        store.remove()
     return result
+
+
+def _cell_store(out_dir: Path, policy: Policy, dataset: Dataset, models: Sequence[ModelAdapter | None],
+                log: Callable[[str], None]) -> CellStore | None:
+    """The checkpoints of this audit's cells beside `out_dir`, keyed by everything the cells depend on; none for
+    a model held only in memory (nothing identifies it)."""
+    if models[0].path is None:
+        return None
+    from . import __version__
+
+    inputs = {"model": [None if m is None else [m.digest(), dataclasses.asdict(m.spec)] for m in models],
+              "data": dataset_digest(dataset.content_sha256, dataset.splits, dataset.ids),
+              "policy": policy.sha256(), "seed": policy.seed, "auditkit version": __version__}
+    return CellStore.open(resume_dir(out_dir), inputs, log)
 
 
 def harden(model: str | Path | ModelAdapter, policy: str | Path | Policy, out_dir: str | Path, *,

@@ -278,6 +278,9 @@ def run(
                                              "(e.g. the CI run's artefacts) instead of the report's path."),
     allow_inconclusive: bool = typer.Option(False, "--allow-inconclusive", help="Exit 0 on an INCONCLUSIVE "
                                             "verdict (research runs; never for a release gate)."),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Keep finished cells beside --out until the "
+                                "run finishes, and reuse those of an interrupted run of the same model, data and "
+                                "policy (default: on)."),
     quiet: bool = QUIET_OPT,
     model_spec: Optional[Path] = SPEC_OPTS["model_spec"], classes: Optional[str] = SPEC_OPTS["classes"],
     input_size: Optional[int] = SPEC_OPTS["input_size"], channels: Optional[int] = SPEC_OPTS["channels"],
@@ -298,7 +301,7 @@ def run(
     with _progress(quiet) as progress:
         result = api.run(model, policy, out_dir, data=data, image_root=image_root, formats=fmts, seed=seed,
                          spec_overrides=overrides, spec_file=model_spec, harden=harden, surrogate=surrogate, deploy=deploy, transfer=transfer or (), jobs=jobs,
-                         command=command, sign_key=sign, sbom=sbom, baseline=baseline, progress=progress,
+                         command=command, sign_key=sign, sbom=sbom, baseline=baseline, resume=resume, progress=progress,
                          log=_log)
     if summary_md is not None:
         from .fileio import atomic_write_text
