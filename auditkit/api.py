@@ -15,6 +15,7 @@ from .errors import AuditkitError
 from .fileio import atomic_write_text
 from .evidence import OUTPUTS as EVIDENCE_OUTPUTS
 from .evidence import load_private_key, write_evidence, write_sbom
+from .executors import make_executor
 from .models import ModelAdapter, load_model
 from .policy import Policy, load_policy
 from .results import AuditResult, HardeningRecord, read_json
@@ -32,7 +33,8 @@ def run(model: str | Path | ModelAdapter, policy: str | Path | Policy, out_dir: 
         harden: bool | None = None,
         surrogate: str | Path | None = None, deploy: str | Path | None = None, transfer: Sequence[str | Path] = (),
         jobs: int | None = None, command: str = "", sign_key: str | Path | None = None, sbom: bool = False,
-        baseline: str | Path | None = None, resume: bool = True,
+        baseline: str | Path | None = None, resume: bool = True, executor: str = "local",
+        ray_address: str | None = None,
         progress: Progress | None = None, log: Callable[[str], None] = lambda _msg: None) -> AuditResult:
     """Audit `model` under `policy` and write results, UAPs and reports into `out_dir`.
 
@@ -48,7 +50,8 @@ def run(model: str | Path | ModelAdapter, policy: str | Path | Policy, out_dir: 
     `baseline` is an earlier audit's results.json under the same policy: every cell is compared with it, and
     rules with `max_increase` fail where a cell got worse by more than that.
 
-    With `resume`, every finished cell is kept beside `out_dir` (checkpoints.resume_dir) until the run
+    `executor="ray"` runs each cell as a Ray task on the cluster at `ray_address` (default: RAY_ADDRESS, else a
+    Ray started here), with the same results. With `resume`, every finished cell is kept beside `out_dir` (checkpoints.resume_dir) until the run
     finishes: rerunning the same call after a kill reuses them (a changed model, data or policy starts afresh).
 
     With hardening (the policy's `hardening.enabled`, or `harden=True`) the model is then retrained against
@@ -63,6 +66,8 @@ def run(model: str | Path | ModelAdapter, policy: str | Path | Policy, out_dir: 
     previous = read_baseline(baseline, policy) if baseline is not None else None
     if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
         raise AuditkitError(f"must be a positive integer, got {jobs!r}", "jobs")
+    cell_executor = make_executor(executor, ray_address, {"model": None if isinstance(model, ModelAdapter) else model,
+                                                          "crafter": surrogate})
     adapter = model if isinstance(model, ModelAdapter) else load_model(model, spec_overrides, spec_file)
     surrogate_model = load_model(surrogate) if surrogate is not None else None
     if any(a != "blackbox" for g in policy.attacks for a in g.crafted_with):
@@ -81,7 +86,7 @@ def run(model: str | Path | ModelAdapter, policy: str | Path | Policy, out_dir: 
         store = _cell_store(out_dir, policy, dataset, [adapter, surrogate_model, deploy_model, *transfer_models],
                             log) if resume else None
         audit_args = dict(synthetic=synthetic, data_format=fmt, command=command, policy_path=policy_path,
-                          progress=progress, log=log, jobs=jobs)
+                          progress=progress, log=log, jobs=jobs, executor=cell_executor)
         result = run_audit(policy, adapter, dataset, out_dir=work, surrogate=surrogate_model, deploy=deploy_model,
                            transfer=transfer_models, store=store, **audit_args)
         apply_change_bounds(result, policy, previous, str(baseline or ""))

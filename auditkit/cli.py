@@ -278,6 +278,10 @@ def run(
                                              "(e.g. the CI run's artefacts) instead of the report's path."),
     allow_inconclusive: bool = typer.Option(False, "--allow-inconclusive", help="Exit 0 on an INCONCLUSIVE "
                                             "verdict (research runs; never for a release gate)."),
+    executor: str = typer.Option("local", "--executor", help="local: cells run here (--jobs at a time); ray: one "
+                                 "Ray task per cell (pip install \"auditkit[ray]\"); the same results."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="The Ray cluster to join (default: "
+                                              "RAY_ADDRESS, else a Ray started on this machine)."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Keep finished cells beside --out until the "
                                 "run finishes, and reuse those of an interrupted run of the same model, data and "
                                 "policy (default: on)."),
@@ -301,7 +305,8 @@ def run(
     with _progress(quiet) as progress:
         result = api.run(model, policy, out_dir, data=data, image_root=image_root, formats=fmts, seed=seed,
                          spec_overrides=overrides, spec_file=model_spec, harden=harden, surrogate=surrogate, deploy=deploy, transfer=transfer or (), jobs=jobs,
-                         command=command, sign_key=sign, sbom=sbom, baseline=baseline, resume=resume, progress=progress,
+                         command=command, sign_key=sign, sbom=sbom, baseline=baseline, resume=resume,
+                         executor=executor, ray_address=ray_address, progress=progress,
                          log=_log)
     if summary_md is not None:
         from .fileio import atomic_write_text
