@@ -84,15 +84,16 @@ def run(model: str | Path | ModelAdapter, policy: str | Path | Policy, out_dir: 
     out_dir = Path(out_dir)
     with staging_dir(out_dir, log) as work:
         store = _cell_store(out_dir, policy, dataset, [adapter, surrogate_model, deploy_model, *transfer_models],
-                            log) if resume else None
+                            log) if resume and not isinstance(model, ModelAdapter) else None
         audit_args = dict(synthetic=synthetic, data_format=fmt, command=command, policy_path=policy_path,
-                          progress=progress, log=log, jobs=jobs, executor=cell_executor)
+                          progress=progress, log=log, jobs=jobs)
         result = run_audit(policy, adapter, dataset, out_dir=work, surrogate=surrogate_model, deploy=deploy_model,
-                           transfer=transfer_models, store=store, **audit_args)
+                           transfer=transfer_models, store=store, executor=cell_executor, **audit_args)
         apply_change_bounds(result, policy, previous, str(baseline or ""))
         if hardening:
             hardened, result.hardening = harden_model(policy, adapter, dataset, work, progress=progress, log=log,
                                                       checkpoint_dir=out_dir / "hardening")
+            # here, not on Ray: the hardened model exists only in this process's memory
             result.hardened = run_audit(policy, hardened, dataset, out_dir=work / AFTER_DIR, **audit_args)
             apply_change_bounds(result.hardened, policy, previous, str(baseline or ""))
         from .report import write_reports
@@ -109,10 +110,8 @@ def run(model: str | Path | ModelAdapter, policy: str | Path | Policy, out_dir: 
 
 def _cell_store(out_dir: Path, policy: Policy, dataset: Dataset, models: Sequence[ModelAdapter | None],
                 log: Callable[[str], None]) -> CellStore | None:
-    """The checkpoints of this audit's cells beside `out_dir`, keyed by everything the cells depend on; none for
-    a model held only in memory (nothing identifies it)."""
-    if models[0].path is None:
-        return None
+    """The checkpoints of this audit's cells beside `out_dir`, keyed by everything the cells depend on (not for a
+    model given as an object: its weights in memory may differ from its files)."""
     from . import __version__
 
     inputs = {"model": [None if m is None else [m.digest(), dataclasses.asdict(m.spec)] for m in models],

@@ -47,8 +47,7 @@ class ModelPackage:
         if ref is not None and str(ref) in ZOO_NAMES and not Path(str(ref)).exists():
             return cls(model.name, str(ref), "", {}, model.sha256(), spec)
         if model.path is None:
-            raise AuditkitError("a model held only in memory cannot travel to Ray workers: give its file",
-                                model.name)
+            raise AuditkitError("a model held only in memory cannot travel to Ray workers", model.name)
         prefix = model.path.name + "/" if model.path.is_dir() else ""  # a SavedModel's files are named inside it
         files = {}
         for name, path in model.files().items():  # a spec file outside the model's folder has an absolute name
@@ -228,4 +227,7 @@ def make_executor(name: str, address: str | None, refs: Mapping[str, str | Path 
         raise AuditkitError(f"unknown executor {name!r} (choose from {', '.join(EXECUTORS)})", "--executor")
     if address is not None and name != "ray":
         raise AuditkitError("only applies with --executor ray", "--ray-address")
+    if name == "ray" and refs.get("model") is None:
+        raise AuditkitError("Ray workers load the model from its files: give a file or zoo name, not an object",
+                            "executor")
     return RayExecutor(address, refs) if name == "ray" else None
