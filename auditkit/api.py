@@ -9,11 +9,13 @@ from typing import Any, Callable, Mapping, Sequence
 
 from .audit import Progress, SilentProgress, load_policy_data, run_audit
 from .baseline import apply_change_bounds, read_baseline
+from .checkpoints import CellStore, dataset_digest, resume_dir
 from .data import Dataset, Preprocess, load_dataset
 from .errors import AuditkitError
 from .fileio import atomic_write_text
 from .evidence import OUTPUTS as EVIDENCE_OUTPUTS
 from .evidence import load_private_key, write_evidence, write_sbom
+from .executors import make_executor
 from .models import ModelAdapter, load_model
 from .policy import Policy, load_policy
 from .results import AuditResult, HardeningRecord, read_json
@@ -31,7 +33,8 @@ def run(model: str | Path | ModelAdapter, policy: str | Path | Policy, out_dir: 
         harden: bool | None = None,
         surrogate: str | Path | None = None, deploy: str | Path | None = None, transfer: Sequence[str | Path] = (),
         jobs: int | None = None, command: str = "", sign_key: str | Path | None = None, sbom: bool = False,
-        baseline: str | Path | None = None,
+        baseline: str | Path | None = None, resume: bool = True, executor: str = "local",
+        ray_address: str | None = None,
         progress: Progress | None = None, log: Callable[[str], None] = lambda _msg: None) -> AuditResult:
     """Audit `model` under `policy` and write results, UAPs and reports into `out_dir`.
 
@@ -47,6 +50,10 @@ def run(model: str | Path | ModelAdapter, policy: str | Path | Policy, out_dir: 
     `baseline` is an earlier audit's results.json under the same policy: every cell is compared with it, and
     rules with `max_increase` fail where a cell got worse by more than that.
 
+    `executor="ray"` runs each cell as a Ray task on the cluster at `ray_address` (default: RAY_ADDRESS, else a
+    Ray started here), with the same results. With `resume`, every finished cell is kept beside `out_dir` (checkpoints.resume_dir) until the run
+    finishes: rerunning the same call after a kill reuses them (a changed model, data or policy starts afresh).
+
     With hardening (the policy's `hardening.enabled`, or `harden=True`) the model is then retrained against
     UAPs and the whole policy is re-run on the hardened model (`result.hardened`). Everything but the
     hardening checkpoints (out_dir/hardening/, kept so a killed run resumes) is written to a temporary
@@ -59,6 +66,8 @@ def run(model: str | Path | ModelAdapter, policy: str | Path | Policy, out_dir: 
     previous = read_baseline(baseline, policy) if baseline is not None else None
     if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
         raise AuditkitError(f"must be a positive integer, got {jobs!r}", "jobs")
+    cell_executor = make_executor(executor, ray_address, {"model": None if isinstance(model, ModelAdapter) else model,
+                                                          "crafter": surrogate})
     adapter = model if isinstance(model, ModelAdapter) else load_model(model, spec_overrides, spec_file)
     surrogate_model = load_model(surrogate) if surrogate is not None else None
     if any(a != "blackbox" for g in policy.attacks for a in g.crafted_with):
@@ -74,14 +83,17 @@ def run(model: str | Path | ModelAdapter, policy: str | Path | Policy, out_dir: 
     formats = list(formats or policy.report.formats)
     out_dir = Path(out_dir)
     with staging_dir(out_dir, log) as work:
+        store = _cell_store(out_dir, policy, dataset, [adapter, surrogate_model, deploy_model, *transfer_models],
+                            log) if resume and not isinstance(model, ModelAdapter) else None
         audit_args = dict(synthetic=synthetic, data_format=fmt, command=command, policy_path=policy_path,
                           progress=progress, log=log, jobs=jobs)
         result = run_audit(policy, adapter, dataset, out_dir=work, surrogate=surrogate_model, deploy=deploy_model,
-                           transfer=transfer_models, **audit_args)
+                           transfer=transfer_models, store=store, executor=cell_executor, **audit_args)
         apply_change_bounds(result, policy, previous, str(baseline or ""))
         if hardening:
             hardened, result.hardening = harden_model(policy, adapter, dataset, work, progress=progress, log=log,
                                                       checkpoint_dir=out_dir / "hardening")
+            # here, not on Ray: the hardened model exists only in this process's memory
             result.hardened = run_audit(policy, hardened, dataset, out_dir=work / AFTER_DIR, **audit_args)
             apply_change_bounds(result.hardened, policy, previous, str(baseline or ""))
         from .report import write_reports
@@ -91,7 +103,21 @@ def run(model: str | Path | ModelAdapter, policy: str | Path | Policy, out_dir: 
             write_sbom(work)
         write_evidence(result, work, policy_as_written, signing_key)
         _publish(work, out_dir)
+    if store is not None:
+        store.remove()
     return result
+
+
+def _cell_store(out_dir: Path, policy: Policy, dataset: Dataset, models: Sequence[ModelAdapter | None],
+                log: Callable[[str], None]) -> CellStore | None:
+    """The checkpoints of this audit's cells beside `out_dir`, keyed by everything the cells depend on (not for a
+    model given as an object: its weights in memory may differ from its files)."""
+    from . import __version__
+
+    inputs = {"model": [None if m is None else [m.digest(), dataclasses.asdict(m.spec)] for m in models],
+              "data": dataset_digest(dataset.content_sha256, dataset.splits, dataset.ids),
+              "policy": policy.sha256(), "seed": policy.seed, "auditkit version": __version__}
+    return CellStore.open(resume_dir(out_dir), inputs, log)
 
 
 def harden(model: str | Path | ModelAdapter, policy: str | Path | Policy, out_dir: str | Path, *,

@@ -16,6 +16,7 @@ import numpy as np
 from . import __version__
 from . import metrics as M
 from . import perceptibility as P
+from .checkpoints import CellStore
 from .data import Dataset, Preprocess, load_dataset
 from .errors import AuditkitError
 from .models import ModelAdapter
@@ -40,6 +41,14 @@ class Progress(Protocol):
     def start(self, label: str, total: int) -> None: ...
     def update(self, completed: int, label: str | None = None, total: int | None = None) -> None: ...
     def done(self) -> None: ...
+
+
+class CellExecutor(Protocol):
+    """Runs cells of an AuditRun somewhere (executors: Ray tasks); `finished` is called in this process with each
+    result as it arrives, its files already under run.out_dir."""
+
+    def run(self, run: AuditRun, cells: Sequence[AttackSettings], progress: Progress,
+            finished: Callable[[CellResult], None]) -> list[CellResult]: ...
 
 
 class SilentProgress:
@@ -87,7 +96,8 @@ def run_audit(policy: Policy, model: ModelAdapter, dataset: Dataset, *, syntheti
               out_dir: Path, command: str = "", policy_path: str = "", progress: Progress | None = None,
               log: Callable[[str], None] = lambda _msg: None, surrogate: ModelAdapter | None = None,
               deploy: ModelAdapter | None = None, transfer: Sequence[ModelAdapter] = (),
-              jobs: int | None = None) -> AuditResult:
+              jobs: int | None = None, store: CellStore | None = None,
+              executor: CellExecutor | None = None) -> AuditResult:
     """Craft and evaluate every cell of the policy; write UAPs and example images under `out_dir`.
 
     Cells are independent (each draws from its own seeded stream), so `jobs` of them (default: one per CPU core)
@@ -95,15 +105,18 @@ def run_audit(policy: Policy, model: ModelAdapter, dataset: Dataset, *, syntheti
 
     `surrogate` crafts the UAPs instead of `model` (transfer attack on a model without usable gradients);
     `deploy` (the file a team ships, e.g. ONNX) and `transfer` models are evaluated under every UAP too.
+    `store` keeps every finished cell (and reachability craft) and gives back those an interrupted run finished;
+    `executor` runs the cells elsewhere (default: here, `jobs` at a time).
     """
     progress = progress or SilentProgress()
     started, t0 = datetime.now(timezone.utc), time.perf_counter()
     data_info = _data_info(policy.data, model.spec, dataset, data_format, synthetic)
     run = AuditRun.prepare(policy, model, dataset, out_dir, progress, surrogate=surrogate, deploy=deploy,
                            transfer=transfer)
-    cells = run.run_cells(policy.cells(run.classes), progress, log, jobs)
+    cells = run.run_cells(policy.cells(run.classes), progress, log, jobs, store, executor)
     check_monotone(cells, run.eval_splits)
-    check_reachability(cells, run.reach, policy.strength.reach_zeta, policy.strength.reach_rate)
+    reach = run.reach if store is None else lambda s: store.remembered(f"reach:{s.key}", lambda: run.reach(s))
+    check_reachability(cells, reach, policy.strength.reach_zeta, policy.strength.reach_rate)
     rules = apply_rules(policy.thresholds, cells, run.clean)
     for warning in data_info.warnings:  # after the work, so that an error stays the only line on stderr
         log(f"warning: {warning}")
@@ -170,11 +183,35 @@ class AuditRun:
         return self.splits[(held_out or self.eval_splits)[0]]
 
     def run_cells(self, cells: Sequence[AttackSettings], progress: Progress, log: Callable[[str], None],
-                  jobs: int | None) -> list[CellResult]:
-        """Every cell, `jobs` at a time (one bar for the whole grid then: the cells' own passes interleave)."""
+                  jobs: int | None, store: CellStore | None = None,
+                  executor: CellExecutor | None = None) -> list[CellResult]:
+        """Every cell: those `store` holds from an interrupted run restored, the others run by `executor` (default:
+        here, `jobs` at a time), each kept in `store` as it finishes."""
+        reused = {}
+        for cell in cells if store is not None else ():
+            if (result := store.restore(cell.key, self.out_dir)) is not None:
+                reused[cell.key] = result
+        if reused:
+            log(f"resumed: {len(reused)} of {len(cells)} cells reused from an interrupted run")
+
+        def finished(result: CellResult) -> None:
+            log(f"{result.key}: " + ", ".join(f"{s} {result.headline(s).value:.1%}" for s in self.eval_splits))
+            if store is not None:
+                store.save(result, self.out_dir)
+
+        todo = [cell for cell in cells if cell.key not in reused]
+        fresh = (executor.run(self, todo, progress, finished) if executor is not None
+                 else self._run_here(todo, progress, finished, jobs)) if todo else []
+        by_key = reused | {result.key: result for result in fresh}
+        return [by_key[cell.key] for cell in cells]
+
+    def _run_here(self, cells: Sequence[AttackSettings], progress: Progress,
+                  finished: Callable[[CellResult], None], jobs: int | None) -> list[CellResult]:
+        """Cells in this process, `jobs` at a time (one bar for the whole grid then: the cells' own passes
+        interleave)."""
 
         def logged(result: CellResult) -> CellResult:
-            log(f"{result.key}: " + ", ".join(f"{s} {result.headline(s).value:.1%}" for s in self.eval_splits))
+            finished(result)
             return result
 
         jobs = min(len(cells), jobs or os.cpu_count() or 1)

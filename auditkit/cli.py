@@ -1,7 +1,9 @@
 """The `auditkit` command: a thin typer layer over auditkit.api. TensorFlow is imported only by commands that need it."""
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import shlex
 import signal
 import sys
@@ -13,6 +15,7 @@ import click
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.measure import Measurement
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
@@ -21,6 +24,7 @@ from typer.core import TyperGroup
 from .errors import AuditkitError
 from .messages import error_line
 from .messages import escape as one_line
+from .plainprogress import PlainProgress
 from .quiet import silence_third_party
 
 EXIT_CODES = """Exit codes: 0 every threshold passed · 1 a threshold failed · 2 bad input or usage (one line naming
@@ -65,7 +69,7 @@ app.add_typer(zoo_app, name="zoo")
 # markup off by default: names, labels and paths from user files may contain [brackets]
 console = Console(stderr=True, markup=False)
 out = Console(markup=False)
-STATE = {"debug": False}
+STATE = {"debug": False, "quiet": False}
 STATUS_COLOURS = {"PASS": "green", "FAIL": "bold red", "INCONCLUSIVE": "bold yellow"}
 FORMATS = ("html", "pdf", "json", "junit")
 
@@ -166,6 +170,33 @@ class RichProgress:
             self.bar.stop_task(self.task)
 
 
+class _LogProgress(PlainProgress):
+    """Progress off a terminal: a plain line at most every 10 s on stderr (see plainprogress)."""
+
+    def __init__(self, quiet: bool = False):
+        super().__init__(lambda line: None if quiet else console.print(Text(one_line(line)), highlight=False,
+                                                                        soft_wrap=True), heartbeat=not quiet)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _progress(quiet: bool):
+    """The progress display for this run: a rich bar on a terminal, log lines off one, nothing with --quiet."""
+    STATE["quiet"] = quiet
+    if quiet:
+        return _LogProgress(quiet=True)
+    return RichProgress() if console.is_terminal else _LogProgress()
+
+
+JSON_OPT = typer.Option(False, "--json", help="Print JSON instead of a table.")
+QUIET_OPT = typer.Option(False, "--quiet", "-q", help="No progress bar or progress lines; only warnings, errors "
+                         "and the summary.")
+
+
 def _formats(value: Optional[str]) -> Optional[list[str]]:
     if value is None:
         return None
@@ -247,6 +278,14 @@ def run(
                                              "(e.g. the CI run's artefacts) instead of the report's path."),
     allow_inconclusive: bool = typer.Option(False, "--allow-inconclusive", help="Exit 0 on an INCONCLUSIVE "
                                             "verdict (research runs; never for a release gate)."),
+    executor: str = typer.Option("local", "--executor", help="local: cells run here (--jobs at a time); ray: one "
+                                 "Ray task per cell (pip install \"auditkit[ray]\"); the same results."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="The Ray cluster to join (default: "
+                                              "RAY_ADDRESS, else a Ray started on this machine)."),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Keep finished cells beside --out until the "
+                                "run finishes, and reuse those of an interrupted run of the same model, data and "
+                                "policy (default: on)."),
+    quiet: bool = QUIET_OPT,
     model_spec: Optional[Path] = SPEC_OPTS["model_spec"], classes: Optional[str] = SPEC_OPTS["classes"],
     input_size: Optional[int] = SPEC_OPTS["input_size"], channels: Optional[int] = SPEC_OPTS["channels"],
     scale: Optional[float] = SPEC_OPTS["scale"], output: Optional[str] = SPEC_OPTS["output"],
@@ -263,10 +302,11 @@ def run(
     fmts = _formats(formats)
     overrides = _spec_overrides(classes, input_size, channels, scale, output, layout, mean, std)
     command = "auditkit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    with RichProgress() as progress:
+    with _progress(quiet) as progress:
         result = api.run(model, policy, out_dir, data=data, image_root=image_root, formats=fmts, seed=seed,
                          spec_overrides=overrides, spec_file=model_spec, harden=harden, surrogate=surrogate, deploy=deploy, transfer=transfer or (), jobs=jobs,
-                         command=command, sign_key=sign, sbom=sbom, baseline=baseline, progress=progress,
+                         command=command, sign_key=sign, sbom=sbom, baseline=baseline, resume=resume,
+                         executor=executor, ray_address=ray_address, progress=progress,
                          log=_log)
     if summary_md is not None:
         from .fileio import atomic_write_text
@@ -285,6 +325,8 @@ def run(
 
 
 def _log(message: str) -> None:
+    if STATE["quiet"] and not message.startswith("warning:"):
+        return
     console.print(Text(one_line(f"  {message}")), highlight=False, soft_wrap=True)
 
 
@@ -297,13 +339,14 @@ def harden_cmd(
     image_root: Optional[Path] = IMAGE_ROOT_OPT,
     out_dir: Path = typer.Option(Path("hardened"), "--out", "-o", help="Output directory."),
     seed: Optional[int] = typer.Option(None, "--seed", min=0, help="Override the policy's seed."),
+    quiet: bool = QUIET_OPT,
     model_spec: Optional[Path] = SPEC_OPTS["model_spec"], classes: Optional[str] = SPEC_OPTS["classes"],
 ):
     """Adversarially retrain a model (paper section 2.4): writes hardened.keras, hardened.onnx (parity-checked)
     and hardening.json. Rerunning the same command resumes after the last finished round."""
     from . import api
 
-    with RichProgress() as progress:
+    with _progress(quiet) as progress:
         record = api.harden(model, policy, out_dir, data=data, image_root=image_root, seed=seed, progress=progress,
                             log=_log, spec_overrides=_spec_overrides(classes, None, None, None, None),
                             spec_file=model_spec)
@@ -354,6 +397,7 @@ def verify(
     key: Optional[Path] = typer.Option(None, "--key", help="Ed25519 public key: check evidence.json's signature."),
     recompute: Optional[str] = typer.Option(None, "--recompute", help="CELL or all: re-craft cells from the "
                                             "recorded model, data, policy and seed and compare the UAPs."),
+    quiet: bool = QUIET_OPT,
 ):
     """Check an audit folder against its evidence.json: every file's sha256, the signature (with --key), and
     with --recompute that the UAPs can be reproduced. Exit 0 when everything holds, 5 (or 6) with one line
@@ -373,7 +417,7 @@ def verify(
         return
     from .reproduce import recompute_cells
 
-    with RichProgress() as progress:
+    with _progress(quiet) as progress:
         report = recompute_cells(run_dir, recompute, progress=progress)
     _out_print(report.platform_note)
     for line in report.lines:
@@ -419,11 +463,17 @@ def inspect(
     scale: Optional[float] = SPEC_OPTS["scale"], output: Optional[str] = SPEC_OPTS["output"],
     layout: Optional[str] = SPEC_OPTS["layout"], mean: Optional[str] = SPEC_OPTS["mean"],
     std: Optional[str] = SPEC_OPTS["std"],
+    as_json: bool = JSON_OPT,
 ):
     """Show a model's classes, input spec, format and file hashes."""
     from .models import load_model
 
     m = load_model(model, _spec_overrides(classes, input_size, channels, scale, output, layout, mean, std), model_spec)
+    if as_json:
+        from .audit import model_info
+
+        _print_json(dataclasses.asdict(model_info(m)) | {"white_box": m.can_craft, "refusal": m.craft_refusal})
+        return
     s = m.spec
     table = Table(title=f"model {m.name}", show_header=False)
     table.add_column(no_wrap=True)
@@ -438,7 +488,21 @@ def inspect(
     rows += [(f"sha256 {name}", digest) for name, digest in m.sha256().items()]
     for k, v in rows:
         table.add_row(k, v)
-    out.print(table)
+    _print_table(table)
+
+
+def _print_table(table: Table) -> None:
+    """A table at its full width off a terminal, never cut to 80 columns: a script reading `auditkit models | cat`
+    gets whole names."""
+    if out.is_terminal:
+        out.print(table)
+        return
+    width = Measurement.get(out, out.options.update(width=10_000), table).maximum
+    Console(file=out.file, width=width, markup=False, color_system=None).print(table)
+
+
+def _print_json(data) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def _stated(value) -> str:
@@ -449,22 +513,31 @@ def _stated(value) -> str:
 
 @app.command()
 @_guarded
-def models():
+def models(as_json: bool = JSON_OPT):
     """List the built-in zoo models."""
     from .models import zoo
 
-    table = Table(title="auditkit zoo")
-    for col in ("name", "input", "parameters", "FLOPs/image", "classes", "weights"):
-        table.add_column(col)
+    rows = []
     for name, entry in zoo.ZOO.items():
         model = zoo.build_model(name)
         info = zoo.weights_info(name)
-        source = info.get("trained_on", "?").split(", default set")[0]  # the generator's parameters: in the json
-        weights = f"{source}; test accuracy {info.get('test_accuracy', float('nan')):.1%} ({info.get('date', '?')})" \
-            if info else "not trained"
-        table.add_row(name, f"{entry.input_size}x{entry.input_size}x1", f"{model.count_params():,}",
-                      f"{zoo.count_flops(model) / 1e6:.1f} M", ", ".join(entry.classes), weights)
-    out.print(table)
+        rows.append({"name": name, "input_size": entry.input_size, "channels": 1, "parameters": model.count_params(),
+                     "flops_per_image": zoo.count_flops(model), "classes": list(entry.classes),
+                     "trained_on": info.get("trained_on"), "test_accuracy": info.get("test_accuracy"),
+                     "date": info.get("date")})
+    if as_json:
+        _print_json(rows)
+        return
+    table = Table(title="auditkit zoo")
+    for col in ("name", "input", "parameters", "FLOPs/image", "classes", "weights"):
+        table.add_column(col)
+    for row in rows:
+        source = (row["trained_on"] or "?").split(", default set")[0]  # the generator's parameters: in the json
+        weights = f"{source}; test accuracy {row['test_accuracy'] or float('nan'):.1%} ({row['date'] or '?'})" \
+            if row["trained_on"] else "not trained"
+        table.add_row(row["name"], f"{row['input_size']}x{row['input_size']}x1", f"{row['parameters']:,}",
+                      f"{row['flops_per_image'] / 1e6:.1f} M", ", ".join(row["classes"]), weights)
+    _print_table(table)
 
 
 @zoo_app.command("train")
@@ -477,16 +550,21 @@ def zoo_train(
                                  "<name>.json and <name>.keras."),
     epochs: int = typer.Option(30, "--epochs", min=1),
     seed: int = typer.Option(0, "--seed", min=0),
+    quiet: bool = QUIET_OPT,
 ):
     """Train a zoo model with the documented deterministic recipe (the one behind the shipped weights)."""
     from . import api
 
-    with RichProgress() as progress:
+    with _progress(quiet) as progress:
         progress.start(f"training {name}", epochs)
 
         def on_epoch(epoch: int, logs: dict) -> None:
             acc = logs.get("val_accuracy", logs.get("accuracy"))
-            progress.update(epoch, f"training {name}: epoch {epoch}/{epochs}, accuracy {acc:.1%}")
+            label = f"training {name}: epoch {epoch}/{epochs}, accuracy {acc:.1%}"
+            if isinstance(progress, RichProgress):
+                progress.update(epoch, label)
+            else:  # off a terminal: one line per epoch (none with --quiet)
+                _log(label)
 
         info = api.train_zoo(name, data=data, out_dir=out_dir, epochs=epochs, seed=seed, progress=on_epoch)
     out.print(f"{name}: test accuracy {info['test_accuracy']:.1%} on {info['trained_on']}")
@@ -515,7 +593,7 @@ def _print_summary(result, out_dir: Path) -> None:
         for i, (metric, uap, random) in enumerate(rows):
             values = [f"{_pct(uap(s))} ({_pct(random(s))})" for s in splits]
             table.add_row(c.key if i == 0 else "", metric, *values, end_section=i == len(rows) - 1)
-    out.print(table)
+    _print_table(table)
     out.print(SUMMARY_LEGEND, style="dim")
     for r in result.rules:
         mark = f"[{STATUS_COLOURS[r.status]}]{r.status}[/]"

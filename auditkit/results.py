@@ -333,6 +333,15 @@ def from_dict(data: dict[str, Any], where: str = "results.json") -> AuditResult:
         raise AuditkitError(f"malformed results: {exc}", where) from None
 
 
+def cell_to_dict(cell: CellResult) -> dict[str, Any]:
+    """One cell in its results.json form (a checkpoint of a finished cell)."""
+    return _clean_floats(dataclasses.asdict(cell))
+
+
+def cell_from_dict(data: dict[str, Any]) -> CellResult:
+    return _build(CellResult, data)
+
+
 def write_json(result: AuditResult, path: Path) -> None:
     text = json.dumps(to_dict(result), indent=2, sort_keys=False, allow_nan=False)
     atomic_write_text(path, text + "\n")

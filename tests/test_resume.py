@@ -1,0 +1,101 @@
+"""Resume: a run killed outright (SIGKILL) and rerun gives the same UAPs and results as one never interrupted."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from auditkit.checkpoints import CellStore, resume_dir
+from auditkit.results import read_json
+from conftest import json_without_times, write_policy
+
+REPO = Path(__file__).resolve().parents[1]
+CELLS = 4  # write_policy's grid
+
+
+def cli(args, **kw) -> subprocess.Popen:
+    env = os.environ | {"PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-m", "auditkit", *map(str, args)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def run_args(tiny_model, policy, manifest, out):
+    return ["run", "--model", tiny_model, "--policy", policy, "--data", manifest, "--out", out, "--jobs", "1",
+            "--formats", "json"]
+
+
+def finished_cells(out: Path) -> int:
+    folder = resume_dir(out) / "cells"
+    return len(list(folder.glob("*.json"))) if folder.is_dir() else 0
+
+
+def uaps(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((out / "uaps").glob("*.npy"))}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_model, phantom_manifest):
+    d = tmp_path_factory.mktemp("resume")
+    policy = write_policy(d / "p.yaml")
+    proc = cli(run_args(tiny_model, policy, phantom_manifest, d / "ref"))
+    proc.communicate(timeout=600)
+    assert proc.returncode == 0
+    assert not resume_dir(d / "ref").exists()  # a finished run leaves nothing to resume
+    return d, policy
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_after_cells", [0, 2, CELLS])
+def test_a_run_killed_at_any_point_resumes_to_the_same_uaps_and_results(reference, tiny_model, phantom_manifest,
+                                                                         kill_after_cells):
+    d, policy = reference
+    out = d / f"killed-{kill_after_cells}"
+    args = run_args(tiny_model, policy, phantom_manifest, out)
+    proc = cli(args)
+    while finished_cells(out) < kill_after_cells or not (resume_dir(out) / "inputs.json").exists():
+        assert proc.poll() is None, "the run ended before the kill point"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "results.json").exists()
+    kept = finished_cells(out)
+
+    rerun = cli(args)
+    _, stderr = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, stderr
+    assert (f"resumed: {kept} of {CELLS} cells reused" in stderr) == (kept > 0)
+    assert uaps(out) == uaps(d / "ref")
+    assert json_without_times(out / "results.json") == json_without_times(d / "ref" / "results.json")
+    assert not resume_dir(out).exists()
+
+
+def test_a_changed_input_starts_afresh_and_says_which(reference, tmp_path):
+    d, _ = reference
+    result = read_json(d / "ref" / "results.json")
+    inputs = {"model": "a", "data": "b", "policy": "c", "seed": 5}
+    store = CellStore.open(tmp_path / ".out.resume", inputs, print)
+    store.save(result.cells[0], d / "ref")
+    lines = []
+    same = CellStore.open(tmp_path / ".out.resume", inputs, lines.append)
+    restored = same.restore(result.cells[0].key, tmp_path / "staging")
+    assert lines == [] and restored == result.cells[0]
+    assert (tmp_path / "staging" / result.cells[0].uap_file).read_bytes() == \
+        (d / "ref" / result.cells[0].uap_file).read_bytes()
+    changed = CellStore.open(tmp_path / ".out.resume", inputs | {"seed": 6}, lines.append)
+    assert lines == ["starting afresh: the seed differs from the interrupted run's ('.out.resume')"]
+    assert changed.restore(result.cells[0].key, tmp_path / "again") is None
+
+
+def test_a_damaged_checkpoint_is_crafted_again_not_trusted(reference, tmp_path):
+    d, _ = reference
+    cell = read_json(d / "ref" / "results.json").cells[0]
+    store = CellStore.open(tmp_path / "r", {"model": "a"}, print)
+    store.save(cell, d / "ref")
+    blob = next((tmp_path / "r" / "files").iterdir())
+    blob.write_bytes(blob.read_bytes()[:-1] + b"\0")
+    assert store.restore(cell.key, tmp_path / "staging") is None
+    assert json.loads((tmp_path / "r" / "inputs.json").read_text()) == {"model": "a"}
