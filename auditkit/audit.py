@@ -196,7 +196,7 @@ class AuditRun:
 
     def run_cell(self, settings: AttackSettings, progress: Progress) -> CellResult:
         """Craft one UAP from the cell's seeded stream, save it, evaluate it and its random controls."""
-        rng = cell_rng(self.seed, settings.key)
+        rng = settings.stream(self.seed)
         xi, mean_norm = xi_for(self.craft.images, settings.norm, settings.zeta)
         attack = make_attack(settings, _PassProgress(settings, progress))
         crafted = attack.craft(self.crafter, self.craft.images, xi, rng, clean_pred=self.craft.clean_pred)
@@ -251,7 +251,7 @@ class AuditRun:
         it reaches on the crafting set (see strength.reach_rate)."""
         xi, _ = xi_for(self.craft.images, settings.norm, settings.zeta)
         crafted = make_attack(settings).craft(self.crafter, self.craft.images, xi,
-                                              cell_rng(self.seed, f"{settings.key}:reach"),
+                                              settings.stream(self.seed, ":reach"),
                                               clean_pred=self.craft.clean_pred)
         pred = self.crafter.predict(perturb(self.craft.images, crafted.rho, settings.clip))
         return reach_rate(pred, self.craft.clean_pred, self._target(settings))

@@ -129,6 +129,9 @@ class AttackGrid(Crafting):
     zetas: UniqueList[Zeta]
     # every cell crafted with each of these (rules then judge the worst); unset: `algorithm` alone
     algorithms: Annotated[UniqueList[Algorithm], Field(min_length=1)] | None = None
+    # independent crafts of every cell from their own seeded streams (the paper loop's result depends on the order
+    # it visits images in); rules judge the worst
+    restarts: int = Field(1, ge=1, le=100)
 
     @property
     def crafted_with(self) -> list[str]:
@@ -147,16 +150,19 @@ class AttackGrid(Crafting):
         return self
 
     def expand(self, classes: Sequence[str]) -> list[AttackSettings]:
-        """Cells in order kind, target, norm, zeta, algorithm; targets 'all' means every class in `classes`."""
+        """Cells in order kind, target, norm, zeta, algorithm, restart; targets 'all' means every class in
+        `classes`."""
         targets = list(classes) if self.targets == "all" else self.targets
         crafting = dict(self.crafting())
         return [
-            AttackSettings(kind=kind, target=target, norm=norm, zeta=zeta, **(crafting | {"algorithm": algorithm}))
+            AttackSettings(kind=kind, target=target, norm=norm, zeta=zeta, restart=restart,
+                           **(crafting | {"algorithm": algorithm}))
             for kind in self.kinds
             for target in ([None] if kind == "nontargeted" else targets)
             for norm in self.norms
             for zeta in self.zetas
             for algorithm in self.crafted_with
+            for restart in range(self.restarts)
         ]
 
 

@@ -261,14 +261,49 @@ def _hardening_view(result: AuditResult) -> dict[str, Any] | None:
     }
 
 
-def _worst_algorithms(cells: list[CellResult], split: str) -> list[dict[str, Any]]:
-    """Per cell crafted with several algorithms: each one's headline rate on `split` and the worst (highest)."""
+def _groups(cells: list[CellResult], **fixed: Any) -> list[list[CellResult]]:
+    """Cells grouped by their settings with the fields in `fixed` set alike (e.g. restart=0: a cell's restarts)."""
     groups: dict[str, list[CellResult]] = {}
     for c in cells:
-        groups.setdefault(c.attack.model_copy(update={"algorithm": "paper"}).key, []).append(c)
-    return [{"label": cell_label(group[0]), "rates": {c.attack.algorithm: c.headline(split) for c in group},
-             "worst": max(group, key=lambda c: c.headline(split).value).attack.algorithm}
-            for group in groups.values() if len(group) > 1]
+        groups.setdefault(c.attack.model_copy(update=fixed).key, []).append(c)
+    return list(groups.values())
+
+
+def _worst(cells: list[CellResult], split: str) -> CellResult:
+    """The cell with the highest headline rate on `split`: what a rule over all of them judges."""
+    return max(cells, key=lambda c: c.headline(split).value)
+
+
+def _worst_algorithms(cells: list[CellResult], split: str) -> list[dict[str, Any]]:
+    """Per cell crafted with several algorithms: each one's headline rate on `split` (its worst restart) and the
+    worst (highest) algorithm."""
+    rows = []
+    for group in _groups(cells, algorithm="paper", restart=0):
+        per_algorithm = {a[0].attack.algorithm: _worst(a, split) for a in _groups(group, restart=0)}
+        if len(per_algorithm) > 1:
+            rows.append({"label": cell_label(group[0]),
+                         "rates": {a: c.headline(split) for a, c in per_algorithm.items()},
+                         "worst": _worst(group, split).attack.algorithm})
+    return rows
+
+
+def _restart_spread(cells: list[CellResult], splits: list[str], held_out: str) -> list[dict[str, Any]]:
+    """Per cell crafted several times (`restarts`): min, median and max of the headline rate on each split, and
+    the worst restart on the held-out split."""
+    rows = []
+    for group in _groups(cells, restart=0):
+        if len(group) > 1:
+            spread = {s: [float(f(values)) for f in (np.min, np.median, np.max)]
+                      for s in splits if len(values := [c.headline(s).value for c in group if s in c.evals])}
+            rows.append({"key": group[0].attack.model_copy(update={"restart": 0}).key, "label": cell_label(group[0]),
+                         "restarts": len(group), "spread": spread, "worst": _worst(group, held_out).key})
+    return rows
+
+
+def _figure_cells(cells: list[CellResult], split: str) -> list[CellResult]:
+    """The cells the figures section shows: of a cell's restarts only the worst on `split`."""
+    shown = {_worst(group, split).key for group in _groups(cells, restart=0)}
+    return [c for c in cells if c.key in shown]
 
 
 def _transfer_view(result: AuditResult, cells: list[CellResult]) -> dict[str, Any] | None:
@@ -490,13 +525,14 @@ def render_html(result: AuditResult, run_dir: Path) -> str:
         draws=sorted({c.draws for cell in cells for c in cell.controls.values()}),
         clean_split=clean_split,
         clean_figure=clean_figure,
-        figures=[_cell_figures(c, result, run_dir, splits) for c in cells],
+        figures=[_cell_figures(c, result, run_dir, splits) for c in _figure_cells(cells, _held_out(result))],
         policy_json=json.dumps(result.provenance.policy, indent=2, sort_keys=False, default=str),
         hardening=_hardening_view(result),
         transfer=_transfer_view(result, cells),
         summary=_summary_view(result, cells),
         traceability=_traceability(result),
         worst_algorithms=_worst_algorithms(cells, splits[-1]) if splits else [],
+        restart_spread=_restart_spread(cells, splits, _held_out(result)),
     )
 
 

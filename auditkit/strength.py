@@ -76,18 +76,18 @@ def check_monotone(cells: Sequence[CellResult], splits: Sequence[str]) -> None:
 
 def check_reachability(cells: Sequence[CellResult], reach: Callable[[AttackSettings], float], zeta: float,
                        rate: float) -> None:
-    """Once per family of cells differing only in zeta: a UAP crafted at a large budget (`zeta`, or the family's
+    """Once per family of cells differing only in zeta (and restart): a UAP crafted at a large budget (`zeta`, or the family's
     largest zeta where that is larger) must reach `rate` on the crafting set; if not, the gradients are suspect
     (masked, quantised input, a broken path)."""
     budget: dict[str, float] = {}
     for cell in cells:
-        family = _family(cell.attack, zeta=zeta)
+        family = _family(cell.attack, zeta=zeta, restart=0)
         budget[family] = max(budget.get(family, zeta), cell.attack.zeta)
     reached: dict[str, float] = {}
     for cell in cells:
-        family = _family(cell.attack, zeta=zeta)
+        family = _family(cell.attack, zeta=zeta, restart=0)
         if family not in reached:
-            reached[family] = reach(cell.attack.model_copy(update={"zeta": budget[family],
+            reached[family] = reach(cell.attack.model_copy(update={"zeta": budget[family], "restart": 0,
                                                                    "delta": max(cell.attack.delta, 1.0 - rate)}))
         checks = cell.strength
         checks.reach_zeta, checks.reach_rate = budget[family], reached[family]
