@@ -24,8 +24,8 @@ from .policy import DataConfig, Policy, validate_against_classes
 from .results import (AuditResult, CellResult, ControlSummary, DataInfo, DeployParity, Example, ModelInfo,
                       Provenance, SplitEval, TransferEval)
 from .rules import apply_rules, verdict
-from .strength import (check_monotone, check_reachability, headline_success, paired_p_value, reach_rate,
-                       strength_of)
+from .strength import (check_monotone, check_reachability, check_white_box, headline_success, paired_p_value,
+                       reach_rate, strength_of)
 from .uap import make_attack
 from .uap.base import AttackSettings, cell_rng
 from .uap.criteria import criterion_for
@@ -103,6 +103,8 @@ def run_audit(policy: Policy, model: ModelAdapter, dataset: Dataset, *, syntheti
                            transfer=transfer)
     cells = run.run_cells(policy.cells(run.classes), progress, log, jobs)
     check_monotone(cells, run.eval_splits)
+    if surrogate is None:
+        check_white_box(cells, run.eval_splits)
     check_reachability(cells, run.reach, policy.strength.reach_zeta, policy.strength.reach_rate)
     rules = apply_rules(policy.thresholds, cells, run.clean)
     for warning in data_info.warnings:  # after the work, so that an error stays the only line on stderr

@@ -87,10 +87,11 @@ class StrengthChecks:
     reach_zeta: float | None = None
     reach_rate: float | None = None  # crafting-set rate of a UAP crafted at reach_zeta
     reachable: bool | None = None
+    white_box_strongest: bool | None = None  # None: no black-box craft of the same cell to compare with
 
     def failed(self) -> list[str]:
         """Names of the checks that ran and failed."""
-        names = ("moved", "beats_noise", "monotone", "reachable")
+        names = ("moved", "beats_noise", "monotone", "reachable", "white_box_strongest")
         return [n for n in names if getattr(self, n) is False]
 
 
