@@ -356,6 +356,8 @@ def _traceability(result: AuditResult) -> list[dict[str, str]]:
             harm = {"fooling_rate": "misclassification (prediction ≠ true label)",
                     "flip_rate": "changed predictions (prediction ≠ clean prediction)",
                     "targeted_success_rate": f"forced prediction of {target or 'the target class'}",
+                    "targeted_induced_rate": f"forced prediction of {target or 'the target class'} on images not "
+                                             "predicted so when clean",
                     "uap_over_random": "a systematic weak direction (a UAP beats random noise of the same norm)"}
             threat = f"{THREAT}, causing {harm[rule.metric]}"
             algos = ", ".join(sorted({c.attack.algorithm for c in chosen})) or "no"
