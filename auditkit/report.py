@@ -24,8 +24,7 @@ from markupsafe import Markup
 from .errors import AuditkitError
 from .metrics import Rate, row_normalise
 from .fileio import atomic_write_bytes, atomic_write_text
-from .results import (AuditResult, CellResult, Example, RuleResult,
-                      write_json)
+from .results import AuditResult, CellResult, Example, RuleResult, SweepResult, write_json
 
 # an installed wheel has auditkit/templates/; a source checkout has the repo's top-level templates/
 TEMPLATES = next(p for p in (Path(__file__).resolve().parent / "templates",
@@ -236,6 +235,34 @@ def hardening_figure(record) -> str:
     return _png_uri(fig)
 
 
+def sweep_figure(sweep: SweepResult) -> str:
+    """Headline rate against zeta (log scale) for the sweep's UAPs and their random controls, with the level and
+    the bracket that holds the critical zeta."""
+    points = sorted(sweep.points, key=lambda p: p.zeta)
+    zetas = np.array([p.zeta for p in points]) * 100
+    rate = np.array([p.rate.value for p in points]) * 100
+    err = np.array([[p.rate.value - p.rate.low, p.rate.high - p.rate.value] for p in points]).T * 100
+    fig = _new_figure(5.6, 2.9)
+    ax = fig.add_subplot()
+    name = "R_s" if sweep.attack.kind == "targeted" else "R_f"
+    ax.errorbar(zetas, rate, yerr=err, marker="o", color="#b2182b", capsize=3, label=f"UAP {name}")
+    controls = [(z, p.control.value * 100) for z, p in zip(zetas, points) if p.control is not None]
+    if controls:
+        ax.plot(*zip(*controls), marker="s", linestyle="--", color="#4d4d4d", label="random control")
+    ax.axhline(sweep.level * 100, color="#2166ac", linewidth=0.8, label=f"level {fmt_pct(sweep.level)}")
+    if sweep.critical_zeta is not None:
+        ax.axvspan((sweep.below or sweep.critical_zeta) * 100, sweep.critical_zeta * 100, color="#fddbc7",
+                   label="critical ζ lies here")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"ζ (% of the mean image norm, p = {fmt_norm(sweep.attack.norm)})", fontsize=8)
+    ax.set_ylabel(f"{name} on {sweep.split} (%)", fontsize=8)
+    ax.set_ylim(0, 100)
+    ax.tick_params(labelsize=7)
+    ax.legend(loc="upper left", fontsize=7)
+    fig.tight_layout()
+    return _png_uri(fig)
+
+
 def _hardening_view(result: AuditResult) -> dict[str, Any] | None:
     """What the hardening section shows: the per-round plot, the final confusion, before/after side by side."""
     record, after = result.hardening, result.hardened
@@ -352,6 +379,10 @@ def _traceability(result: AuditResult) -> list[dict[str, str]]:
         if rule.metric == "clean_accuracy":
             threat = "Misclassification without any attack: the baseline every robustness figure rests on"
             test = f"clean accuracy on {n} {rule.split} images"
+        elif rule.metric == "critical_zeta":
+            threat = f"{THREAT}, with a budget smaller than the policy allows for"
+            test = (f"bisection on ζ for the smallest budget at which a UAP reaches the sweep's level on {n} "
+                    f"{rule.split} images ({', '.join(rule.cells)})")
         else:
             harm = {"fooling_rate": "misclassification (prediction ≠ true label)",
                     "flip_rate": "changed predictions (prediction ≠ clean prediction)",
@@ -535,6 +566,7 @@ def render_html(result: AuditResult, run_dir: Path) -> str:
         traceability=_traceability(result),
         worst_algorithms=_worst_algorithms(cells, splits[-1]) if splits else [],
         restart_spread=_restart_spread(cells, splits, _held_out(result)),
+        sweeps=[(sw, sweep_figure(sw)) for sw in result.sweeps],
     )
 
 

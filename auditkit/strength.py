@@ -96,6 +96,11 @@ def check_white_box(cells: Sequence[CellResult], splits: Sequence[str]) -> None:
             cell.strength.white_box_strongest = holds
 
 
+def reach_settings(settings: AttackSettings, zeta: float, rate: float) -> AttackSettings:
+    """The reachability craft of a family: its restart 0 at `zeta`, stopping once it reaches `rate`."""
+    return settings.model_copy(update={"zeta": zeta, "restart": 0, "delta": max(settings.delta, 1.0 - rate)})
+
+
 def check_reachability(cells: Sequence[CellResult], reach: Callable[[AttackSettings], float], zeta: float,
                        rate: float) -> None:
     """Once per family of cells differing only in zeta (and restart): a UAP crafted at a large budget (`zeta`, or the family's
@@ -109,8 +114,7 @@ def check_reachability(cells: Sequence[CellResult], reach: Callable[[AttackSetti
     for cell in cells:
         family = _family(cell.attack, zeta=zeta, restart=0)
         if family not in reached:
-            reached[family] = reach(cell.attack.model_copy(update={"zeta": budget[family], "restart": 0,
-                                                                   "delta": max(cell.attack.delta, 1.0 - rate)}))
+            reached[family] = reach(reach_settings(cell.attack, budget[family], rate))
         checks = cell.strength
         checks.reach_zeta, checks.reach_rate = budget[family], reached[family]
         checks.reachable = bool(reached[family] >= rate)

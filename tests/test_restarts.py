@@ -47,3 +47,7 @@ def test_restarts_craft_distinct_uaps_and_rules_judge_the_worst(tmp_path, tiny_m
     assert len({c["strength"]["reach_rate"] for c in cells}) == 1  # one reachability craft for all restarts
     html = (tmp_path / "three" / "report.html").read_text()
     assert "Restarts: each of these cells" in html and f"{100 * min(rates):.1f}%" in html
+    from auditkit import reproduce
+
+    again = reproduce.recompute_cells(tmp_path / "three", "nontargeted_inf_z0.1_r2")
+    assert again.problem is None and len(again.lines) == 1, again
