@@ -254,6 +254,9 @@ def sweep_figure(sweep: SweepResult) -> str:
         ax.axvspan((sweep.below or sweep.critical_zeta) * 100, sweep.critical_zeta * 100, color="#fddbc7",
                    label="critical ζ lies here")
     ax.set_xscale("log")
+    ladder = [z for z in (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 50, 100) if zetas.min() <= z <= zetas.max()]
+    ax.set_xticks(ladder or list(zetas), labels=[f"{z:g}" for z in ladder or zetas])
+    ax.minorticks_off()
     ax.set_xlabel(f"ζ (% of the mean image norm, p = {fmt_norm(sweep.attack.norm)})", fontsize=8)
     ax.set_ylabel(f"{name} on {sweep.split} (%)", fontsize=8)
     ax.set_ylim(0, 100)
