@@ -30,7 +30,7 @@ from .sweep import bisect, sweep_key
 from .uap import make_attack
 from .uap.base import AttackSettings, CraftResult, cell_rng
 from .uap.criteria import criterion_for
-from .uap.geometry import perturb, random_control, xi_for
+from .uap.geometry import image_norms, perturb, random_control, xi_for
 
 DEPLOY_TOLERANCE = 1e-4  # max |Δprob| between the audited model and its deployed twin
 
@@ -284,8 +284,7 @@ class AuditRun:
             control = controls.get(sweep.split)
             return SweepPoint(zeta=zeta, xi=xi, rate=getattr(evals[sweep.split], metric),
                               control=control and getattr(control, metric), seconds=crafted.seconds,
-                              uap_norm=float(np.abs(crafted.rho).max() if at.norm == "inf"
-                                             else np.linalg.norm(crafted.rho)))
+                              uap_norm=float(image_norms(crafted.rho[None], at.norm)[0]))
 
         points, critical, below = bisect(measure, sweep)
         reach_zeta = max(strength.reach_zeta, sweep.high)
