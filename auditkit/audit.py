@@ -21,16 +21,17 @@ from .data import Dataset, Preprocess, load_dataset
 from .errors import AuditkitError
 from .models import ModelAdapter
 from .models.spec import ModelSpec, resolve_preprocessing
-from .policy import DataConfig, Policy, validate_against_classes
+from .policy import DataConfig, Policy, Strength, Sweep, validate_against_classes
 from .results import (AuditResult, CellResult, ControlSummary, DataInfo, DeployParity, Example, ModelInfo,
-                      Provenance, SplitEval, TransferEval)
+                      Provenance, SplitEval, SweepPoint, SweepResult, TransferEval)
 from .rules import apply_rules, verdict
-from .strength import (check_monotone, check_reachability, headline_success, paired_p_value, reach_rate,
-                       strength_of)
+from .strength import (check_monotone, check_reachability, check_white_box, headline_success, paired_p_value,
+                       reach_rate, reach_settings, strength_of)
+from .sweep import bisect, sweep_key
 from .uap import make_attack
-from .uap.base import AttackSettings, cell_rng
+from .uap.base import AttackSettings, CraftResult, cell_rng
 from .uap.criteria import criterion_for
-from .uap.geometry import perturb, random_control, xi_for
+from .uap.geometry import image_norms, perturb, random_control, xi_for
 
 DEPLOY_TOLERANCE = 1e-4  # max |Δprob| between the audited model and its deployed twin
 
@@ -115,9 +116,12 @@ def run_audit(policy: Policy, model: ModelAdapter, dataset: Dataset, *, syntheti
                            transfer=transfer)
     cells = run.run_cells(policy.cells(run.classes), progress, log, jobs, store, executor)
     check_monotone(cells, run.eval_splits)
+    if surrogate is None:
+        check_white_box(cells, run.eval_splits)
     reach = run.reach if store is None else lambda s: store.remembered(f"reach:{s.key}", lambda: run.reach(s))
     check_reachability(cells, reach, policy.strength.reach_zeta, policy.strength.reach_rate)
-    rules = apply_rules(policy.thresholds, cells, run.clean)
+    sweeps = [run.run_sweep(cell, sweep, policy.strength, progress, log) for cell, sweep in policy.sweeps(run.classes)]
+    rules = apply_rules(policy.thresholds, cells, run.clean, sweeps)
     for warning in data_info.warnings:  # after the work, so that an error stays the only line on stderr
         log(f"warning: {warning}")
     finished = datetime.now(timezone.utc)
@@ -128,7 +132,7 @@ def run_audit(policy: Policy, model: ModelAdapter, dataset: Dataset, *, syntheti
         provenance=_provenance(policy, policy_path, command, started, finished, time.perf_counter() - t0),
         crafted_on=model_info(surrogate) if surrogate else None,
         deploy=_deploy_parity(model, deploy, run.splits, run.eval_splits) if deploy else None,
-        transfer_models=[model_info(m) for m in run.others.values()],
+        transfer_models=[model_info(m) for m in run.others.values()], sweeps=sweeps,
     )
 
 
@@ -149,6 +153,7 @@ class AuditRun:
     clean: dict[str, SplitEval] = field(default_factory=dict)
     others: dict[str, ModelAdapter] = field(default_factory=dict)  # deployed twin and transfer targets, by name
     other_clean: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # their clean predictions
+    reached: dict[AttackSettings, float] = field(default_factory=dict)  # reachability crafts done, by settings
 
     @classmethod
     def prepare(cls, policy: Policy, model: ModelAdapter, dataset: Dataset, out_dir: Path, progress: Progress, *,
@@ -231,12 +236,19 @@ class AuditRun:
         progress.done()
         return [f.result() for f in futures]
 
+    def _craft(self, settings: AttackSettings, progress: Progress | None = None, purpose: str = "",
+               ) -> tuple[CraftResult, float, float, np.random.Generator]:
+        """One UAP crafted from the cell's seeded stream (+ `purpose`): (result, xi, mean image norm, the stream
+        left to draw from)."""
+        rng = settings.stream(self.seed, purpose)
+        xi, mean_norm = xi_for(self.craft.images, settings.norm, settings.zeta)
+        attack = make_attack(settings, progress and _PassProgress(settings, progress))
+        crafted = attack.craft(self.crafter, self.craft.images, xi, rng, clean_pred=self.craft.clean_pred)
+        return crafted, xi, mean_norm, rng
+
     def run_cell(self, settings: AttackSettings, progress: Progress) -> CellResult:
         """Craft one UAP from the cell's seeded stream, save it, evaluate it and its random controls."""
-        rng = cell_rng(self.seed, settings.key)
-        xi, mean_norm = xi_for(self.craft.images, settings.norm, settings.zeta)
-        attack = make_attack(settings, _PassProgress(settings, progress))
-        crafted = attack.craft(self.crafter, self.craft.images, xi, rng, clean_pred=self.craft.clean_pred)
+        crafted, xi, mean_norm, rng = self._craft(settings, progress)
         rho = crafted.rho
         uap_file = f"uaps/{settings.key}.npy"
         _save_npy(self.out_dir / uap_file, rho)
@@ -255,14 +267,17 @@ class AuditRun:
         return None if settings.target is None else self.classes.index(settings.target)
 
     def _evaluate(self, settings: AttackSettings, rho: np.ndarray, xi: float, rng: np.random.Generator,
-                  progress: Progress) -> tuple[dict[str, SplitEval], dict[str, ControlSummary], dict[str, float]]:
-        """The UAP and its random controls (drawn from the cell's stream after crafting) on every evaluated split,
-        and per split the paired test's p that the UAP succeeds on more of the same images than the controls."""
+                  progress: Progress, splits: Sequence[str] | None = None,
+                  ) -> tuple[dict[str, SplitEval], dict[str, ControlSummary], dict[str, float]]:
+        """The UAP and its random controls (drawn from the cell's stream after crafting) on every evaluated split
+        (or `splits`), and per split the paired test's p that the UAP succeeds on more of the same images than the
+        controls."""
         target = self._target(settings)
-        progress.start(f"{settings.key}: evaluating", len(self.eval_splits) * (1 + self.control_draws))
+        splits = self.eval_splits if splits is None else splits
+        progress.start(f"{settings.key}: evaluating", len(splits) * (1 + self.control_draws))
         evals, controls, p_values, done = {}, {}, {}, 0
         controls_rho = [random_control(rho.shape, settings.norm, xi, rng) for _ in range(self.control_draws)]
-        for name in self.eval_splits:
+        for name in splits:
             split = self.splits[name]
             pred = self.model.predict(perturb(split.images, rho, settings.clip))
             evals[name] = evaluate(split, rho, self.classes, model=self.model, clip=settings.clip, target=target,
@@ -285,13 +300,39 @@ class AuditRun:
 
     def reach(self, settings: AttackSettings) -> float:
         """The reachability check's craft: a UAP crafted with `settings` from its own seeded stream, and the rate
-        it reaches on the crafting set (see strength.reach_rate)."""
-        xi, _ = xi_for(self.craft.images, settings.norm, settings.zeta)
-        crafted = make_attack(settings).craft(self.crafter, self.craft.images, xi,
-                                              cell_rng(self.seed, f"{settings.key}:reach"),
-                                              clean_pred=self.craft.clean_pred)
-        pred = self.crafter.predict(perturb(self.craft.images, crafted.rho, settings.clip))
-        return reach_rate(pred, self.craft.clean_pred, self._target(settings))
+        it reaches on the crafting set (see strength.reach_rate); crafted once per settings."""
+        if settings not in self.reached:
+            crafted = self._craft(settings, purpose=":reach")[0]
+            pred = self.crafter.predict(perturb(self.craft.images, crafted.rho, settings.clip))
+            self.reached[settings] = reach_rate(pred, self.craft.clean_pred, self._target(settings))
+        return self.reached[settings]
+
+    def run_sweep(self, settings: AttackSettings, sweep: Sweep, strength: Strength, progress: Progress,
+                  log: Callable[[str], None]) -> SweepResult:
+        """The critical zeta of one kind, target, norm and algorithm (auditkit.sweep.bisect): each zeta crafted
+        from the stream a cell of that zeta draws from, its UAP evaluated on the sweep's split only, with the
+        family's reachability check."""
+
+        def measure(zeta: float) -> SweepPoint:
+            at = settings.model_copy(update={"zeta": zeta})
+            crafted, xi, _, rng = self._craft(at, progress)
+            evals, controls, _ = self._evaluate(at, crafted.rho, xi, rng, progress, [sweep.split])
+            metric = "targeted_success_rate" if at.target is not None else "fooling_rate"
+            control = controls.get(sweep.split)
+            return SweepPoint(zeta=zeta, xi=xi, rate=getattr(evals[sweep.split], metric),
+                              control=control and getattr(control, metric), seconds=crafted.seconds,
+                              uap_norm=float(image_norms(crafted.rho[None], at.norm)[0]))
+
+        points, critical, below = bisect(measure, sweep)
+        reach_zeta = max(strength.reach_zeta, sweep.high)
+        reached = self.reach(reach_settings(settings, reach_zeta, strength.reach_rate))
+        result = SweepResult(key=sweep_key(settings.key, settings.zeta), attack=settings, split=sweep.split,
+                             level=sweep.level, low=sweep.low, high=sweep.high, points=points, critical_zeta=critical,
+                             below=below, reach_zeta=reach_zeta, reach_rate=reached,
+                             reachable=reached >= strength.reach_rate)
+        found = f"{critical:.3%}" if critical is not None else f"not reached up to {sweep.high:.1%}"
+        log(f"{result.key}: critical zeta {found} ({sweep.split} rate >= {sweep.level:.0%})")
+        return result
 
     def _transfer_evals(self, settings: AttackSettings, rho: np.ndarray, other: ModelAdapter,
                         ) -> dict[str, TransferEval]:

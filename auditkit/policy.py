@@ -36,7 +36,7 @@ from .yaml_budget import check_expanded_size, read_text
 
 DEFAULT_CLASSES = ZOO_CLASSES
 Metric = Literal["fooling_rate", "flip_rate", "targeted_success_rate", "targeted_induced_rate", "clean_accuracy",
-                 "uap_over_random"]
+                 "uap_over_random", "critical_zeta"]
 TARGETED_METRICS = ("targeted_success_rate", "targeted_induced_rate")
 ReportFormat = Literal["html", "pdf", "json", "junit"]
 
@@ -119,6 +119,25 @@ class DataConfig(_Model):
         return self
 
 
+class Sweep(_Model):
+    """The smallest zeta at which the headline rate on `split` reaches `level`, found by bisection (geometric, as
+    zetas span orders of magnitude) between `low` and `high`, `steps` times: its interval narrows to a ratio of
+    (high / low) ** (1 / 2 ** steps)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
+    level: float = Field(0.5, gt=0, lt=1)
+    split: Name = "test"
+    low: Zeta = 0.0025
+    high: Zeta = 0.1
+    steps: int = Field(5, ge=1, le=20)
+
+    @model_validator(mode="after")
+    def _check(self) -> Sweep:
+        if self.low >= self.high:
+            raise _At(("low",), f"must be below high ({self.high:g}), got {self.low:g}")
+        return self
+
+
 class AttackGrid(Crafting):
     """Cells to craft: every kind x target x norm x zeta, all crafted the same way (the Crafting fields)."""
 
@@ -129,6 +148,11 @@ class AttackGrid(Crafting):
     zetas: UniqueList[Zeta]
     # every cell crafted with each of these (rules then judge the worst); unset: `algorithm` alone
     algorithms: Annotated[UniqueList[Algorithm], Field(min_length=1)] | None = None
+    # independent crafts of every cell from their own seeded streams (the paper loop's result depends on the order
+    # it visits images in); rules judge the worst
+    restarts: int = Field(1, ge=1, le=100)
+    # per kind x target x norm x algorithm, the zeta at which the model breaks (restart 0's stream at each zeta)
+    sweep: Sweep | None = None
 
     @property
     def crafted_with(self) -> list[str]:
@@ -147,17 +171,26 @@ class AttackGrid(Crafting):
         return self
 
     def expand(self, classes: Sequence[str]) -> list[AttackSettings]:
-        """Cells in order kind, target, norm, zeta, algorithm; targets 'all' means every class in `classes`."""
+        """Cells in order kind, target, norm, zeta, algorithm, restart; targets 'all' means every class in
+        `classes`."""
         targets = list(classes) if self.targets == "all" else self.targets
         crafting = dict(self.crafting())
         return [
-            AttackSettings(kind=kind, target=target, norm=norm, zeta=zeta, **(crafting | {"algorithm": algorithm}))
+            AttackSettings(kind=kind, target=target, norm=norm, zeta=zeta, restart=restart,
+                           **(crafting | {"algorithm": algorithm}))
             for kind in self.kinds
             for target in ([None] if kind == "nontargeted" else targets)
             for norm in self.norms
             for zeta in self.zetas
             for algorithm in self.crafted_with
+            for restart in range(self.restarts)
         ]
+
+    def sweeps(self, classes: Sequence[str]) -> list[AttackSettings]:
+        """One cell per sweep (kind, target, norm, algorithm), at the sweep's high zeta; none without `sweep`."""
+        if self.sweep is None:
+            return []
+        return self.model_copy(update={"zetas": [self.sweep.high], "restarts": 1}).expand(classes)
 
 
 class RandomControls(_Model):
@@ -181,8 +214,9 @@ class Threshold(_Model):
 
     @property
     def per_cell(self) -> bool:
-        """False for clean_accuracy, which is measured once per split, not per attack cell (selects() is False)."""
-        return self.metric != "clean_accuracy"
+        """False for clean_accuracy, measured once per split, and critical_zeta, measured per sweep (selects() is
+        False for both)."""
+        return self.metric not in ("clean_accuracy", "critical_zeta")
 
     @property
     def effective_kind(self) -> Kind | None:
@@ -196,10 +230,16 @@ class Threshold(_Model):
         return self.max if self.max is not None else self.min
 
     def selects(self, cell: AttackSettings) -> bool:
+        return self.per_cell and self._selects(cell)
+
+    def selects_sweep(self, cell: AttackSettings, split: str) -> bool:
+        """Whether a critical_zeta rule judges the sweep of `cell` measured on `split` (it must be the rule's)."""
+        return self.metric == "critical_zeta" and split == self.split and self._selects(cell)
+
+    def _selects(self, cell: AttackSettings) -> bool:
         kind = self.effective_kind
         return (
-            self.per_cell
-            and (kind is None or cell.kind == kind)
+            (kind is None or cell.kind == kind)
             and (self.target is None or cell.target == self.target)
             and (self.norm is None or cell.norm == self.norm)
             and (self.zeta is None or math.isclose(cell.zeta, self.zeta, rel_tol=1e-9))
@@ -214,17 +254,22 @@ class Threshold(_Model):
         low = -1.0 if self.metric == "uap_over_random" else 0.0
         if not low <= self.limit <= 1:
             raise _At((bound,), f"must be in [{low:g}, 1] for {self.metric}, got {self.limit!r}")
-        if not self.per_cell:
+        if self.metric == "clean_accuracy":
             for key in ("kind", "target", "norm", "zeta", "algorithm"):
                 if getattr(self, key) is not None:
                     raise _At((key,), "clean_accuracy is measured on clean images; remove this attack selector")
+        if self.metric == "critical_zeta":
+            if self.max is not None:
+                raise _At(("max",), "critical_zeta is the zeta at which the model breaks: bound it with min")
+            if self.zeta is not None:
+                raise _At(("zeta",), "critical_zeta is found over zeta by a sweep; remove the zeta selector")
         if self.kind == "nontargeted" and self.metric in TARGETED_METRICS:
             raise _At(("kind",), f"{self.metric} applies to targeted attacks only")
         if self.kind == "nontargeted" and self.target is not None:
             raise _At(("target",), "nontargeted attacks have no target; drop target or set kind: targeted")
         if self.max_increase is not None and (not self.per_cell or self.max is None):
             raise _At(("max_increase",), "bounds the rise of an attack metric; give it with max, on a metric other "
-                                         "than clean_accuracy")
+                                         "than clean_accuracy and critical_zeta")
         if self.name is None:
             self.name = self._default_name()
         return self
@@ -233,7 +278,7 @@ class Threshold(_Model):
         parts = [self.effective_kind, self.target and f"to {self.target}",
                  self.norm and f"L{self.norm}", self.zeta is not None and f"zeta={self.zeta:g}"]
         sel = ", ".join(p for p in parts if p) or "all cells"
-        where = self.split if not self.per_cell else f"{self.split}, {sel}"
+        where = self.split if self.metric == "clean_accuracy" else f"{self.split}, {sel}"
         rise = "" if self.max_increase is None else f", rise <= {self.max_increase:g}"
         return f"{self.metric} ({where}) {'<=' if self.max is not None else '>='} {self.limit:g}{rise}"
 
@@ -343,6 +388,10 @@ class Policy(_Model):
     @model_validator(mode="after")
     def _check(self) -> Policy:
         names: dict[str, int] = {}
+        for i, grid in enumerate(self.attacks):
+            if grid.sweep is not None and grid.sweep.split not in self.data.eval_splits:
+                raise _At(("attacks", i, "sweep", "split"), f"split {quote(grid.sweep.split)} is not evaluated "
+                                                            f"(data.eval_splits: {', '.join(self.data.eval_splits)})")
         for i, t in enumerate(self.thresholds):
             if t.split not in self.data.eval_splits:
                 raise _At(("thresholds", i, "split"),
@@ -371,6 +420,10 @@ class Policy(_Model):
                 out.append(cell)
         return out
 
+    def sweeps(self, classes: Sequence[str]) -> list[tuple[AttackSettings, Sweep]]:
+        """Every grid's sweeps in policy order: the cell at the sweep's high zeta, and the sweep."""
+        return [(cell, grid.sweep) for grid in self.attacks for cell in grid.sweeps(classes)]
+
     def sha256(self) -> str:
         """Hash of the canonical JSON of the validated policy (defaults filled in, paths resolved)."""
         return canonical_sha256(self.model_dump(mode="json"))
@@ -392,7 +445,7 @@ def validate_against_classes(policy: Policy, classes: Sequence[str]) -> None:
     classes = list(classes)
     for alias, target in policy.data.aliases.items():
         _check_class(target, classes, policy._where(f"data.aliases.{alias}"))
-    cells = policy.cells(classes)
+    cells, sweeps = policy.cells(classes), policy.sweeps(classes)
     for i, t in enumerate(policy.thresholds):
         if t.target is not None:
             _check_class(t.target, classes, policy._where(f"thresholds.{i}.target"))
@@ -400,6 +453,9 @@ def validate_against_classes(policy: Policy, classes: Sequence[str]) -> None:
             keys = ", ".join(c.key for c in cells[:8]) + (", ..." if len(cells) > 8 else "")
             raise AuditkitError(f"selects no cell of the attack grid (cells: {keys})",
                                 where=policy._where(f"thresholds.{i}"))
+        if t.metric == "critical_zeta" and not any(t.selects_sweep(c, sweep.split) for c, sweep in sweeps):
+            raise AuditkitError(f"selects no sweep measured on {t.split} (give a grid `sweep:` with split: "
+                                f"{t.split})", where=policy._where(f"thresholds.{i}"))
     if policy.hardening.attack.target is not None:
         _check_class(policy.hardening.attack.target, classes, policy._where("hardening.attack.target"))
 

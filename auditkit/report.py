@@ -24,8 +24,7 @@ from markupsafe import Markup
 from .errors import AuditkitError
 from .metrics import Rate, row_normalise
 from .fileio import atomic_write_bytes, atomic_write_text
-from .results import (AuditResult, CellResult, Example, RuleResult,
-                      write_json)
+from .results import AuditResult, CellResult, Example, RuleResult, SweepResult, write_json
 
 # an installed wheel has auditkit/templates/; a source checkout has the repo's top-level templates/
 TEMPLATES = next(p for p in (Path(__file__).resolve().parent / "templates",
@@ -236,6 +235,37 @@ def hardening_figure(record) -> str:
     return _png_uri(fig)
 
 
+def sweep_figure(sweep: SweepResult) -> str:
+    """Headline rate against zeta (log scale) for the sweep's UAPs and their random controls, with the level and
+    the bracket that holds the critical zeta."""
+    points = sorted(sweep.points, key=lambda p: p.zeta)
+    zetas = np.array([p.zeta for p in points]) * 100
+    rate = np.array([p.rate.value for p in points]) * 100
+    err = np.array([[p.rate.value - p.rate.low, p.rate.high - p.rate.value] for p in points]).T * 100
+    fig = _new_figure(5.6, 2.9)
+    ax = fig.add_subplot()
+    name = "R_s" if sweep.attack.kind == "targeted" else "R_f"
+    ax.errorbar(zetas, rate, yerr=err, marker="o", color="#b2182b", capsize=3, label=f"UAP {name}")
+    controls = [(z, p.control.value * 100) for z, p in zip(zetas, points) if p.control is not None]
+    if controls:
+        ax.plot(*zip(*controls), marker="s", linestyle="--", color="#4d4d4d", label="random control")
+    ax.axhline(sweep.level * 100, color="#2166ac", linewidth=0.8, label=f"level {fmt_pct(sweep.level)}")
+    if sweep.critical_zeta is not None:
+        ax.axvspan((sweep.below or sweep.critical_zeta) * 100, sweep.critical_zeta * 100, color="#fddbc7",
+                   label="critical ζ lies here")
+    ax.set_xscale("log")
+    ladder = [z for z in (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 50, 100) if zetas.min() <= z <= zetas.max()]
+    ax.set_xticks(ladder or list(zetas), labels=[f"{z:g}" for z in ladder or zetas])
+    ax.minorticks_off()
+    ax.set_xlabel(f"ζ (% of the mean image norm, p = {fmt_norm(sweep.attack.norm)})", fontsize=8)
+    ax.set_ylabel(f"{name} on {sweep.split} (%)", fontsize=8)
+    ax.set_ylim(0, 100)
+    ax.tick_params(labelsize=7)
+    ax.legend(loc="upper left", fontsize=7)
+    fig.tight_layout()
+    return _png_uri(fig)
+
+
 def _hardening_view(result: AuditResult) -> dict[str, Any] | None:
     """What the hardening section shows: the per-round plot, the final confusion, before/after side by side."""
     record, after = result.hardening, result.hardened
@@ -261,14 +291,49 @@ def _hardening_view(result: AuditResult) -> dict[str, Any] | None:
     }
 
 
-def _worst_algorithms(cells: list[CellResult], split: str) -> list[dict[str, Any]]:
-    """Per cell crafted with several algorithms: each one's headline rate on `split` and the worst (highest)."""
+def _groups(cells: list[CellResult], **fixed: Any) -> list[list[CellResult]]:
+    """Cells grouped by their settings with the fields in `fixed` set alike (e.g. restart=0: a cell's restarts)."""
     groups: dict[str, list[CellResult]] = {}
     for c in cells:
-        groups.setdefault(c.attack.model_copy(update={"algorithm": "paper"}).key, []).append(c)
-    return [{"label": cell_label(group[0]), "rates": {c.attack.algorithm: c.headline(split) for c in group},
-             "worst": max(group, key=lambda c: c.headline(split).value).attack.algorithm}
-            for group in groups.values() if len(group) > 1]
+        groups.setdefault(c.attack.model_copy(update=fixed).key, []).append(c)
+    return list(groups.values())
+
+
+def _worst(cells: list[CellResult], split: str) -> CellResult:
+    """The cell with the highest headline rate on `split`: what a rule over all of them judges."""
+    return max(cells, key=lambda c: c.headline(split).value)
+
+
+def _worst_algorithms(cells: list[CellResult], split: str) -> list[dict[str, Any]]:
+    """Per cell crafted with several algorithms: each one's headline rate on `split` (its worst restart) and the
+    worst (highest) algorithm."""
+    rows = []
+    for group in _groups(cells, algorithm="paper", restart=0):
+        per_algorithm = {a[0].attack.algorithm: _worst(a, split) for a in _groups(group, restart=0)}
+        if len(per_algorithm) > 1:
+            rows.append({"label": cell_label(group[0]),
+                         "rates": {a: c.headline(split) for a, c in per_algorithm.items()},
+                         "worst": _worst(group, split).attack.algorithm})
+    return rows
+
+
+def _restart_spread(cells: list[CellResult], splits: list[str], held_out: str) -> list[dict[str, Any]]:
+    """Per cell crafted several times (`restarts`): min, median and max of the headline rate on each split, and
+    the worst restart on the held-out split."""
+    rows = []
+    for group in _groups(cells, restart=0):
+        if len(group) > 1:
+            spread = {s: [float(f(values)) for f in (np.min, np.median, np.max)]
+                      for s in splits if len(values := [c.headline(s).value for c in group if s in c.evals])}
+            rows.append({"key": group[0].attack.model_copy(update={"restart": 0}).key, "label": cell_label(group[0]),
+                         "restarts": len(group), "spread": spread, "worst": _worst(group, held_out).key})
+    return rows
+
+
+def _figure_cells(cells: list[CellResult], split: str) -> list[CellResult]:
+    """The cells the figures section shows: of a cell's restarts only the worst on `split`."""
+    shown = {_worst(group, split).key for group in _groups(cells, restart=0)}
+    return [c for c in cells if c.key in shown]
 
 
 def _transfer_view(result: AuditResult, cells: list[CellResult]) -> dict[str, Any] | None:
@@ -317,10 +382,16 @@ def _traceability(result: AuditResult) -> list[dict[str, str]]:
         if rule.metric == "clean_accuracy":
             threat = "Misclassification without any attack: the baseline every robustness figure rests on"
             test = f"clean accuracy on {n} {rule.split} images"
+        elif rule.metric == "critical_zeta":
+            threat = f"{THREAT}, with a budget smaller than the policy allows for"
+            test = (f"bisection on ζ for the smallest budget at which a UAP reaches the sweep's level on {n} "
+                    f"{rule.split} images ({', '.join(rule.cells)})")
         else:
             harm = {"fooling_rate": "misclassification (prediction ≠ true label)",
                     "flip_rate": "changed predictions (prediction ≠ clean prediction)",
                     "targeted_success_rate": f"forced prediction of {target or 'the target class'}",
+                    "targeted_induced_rate": f"forced prediction of {target or 'the target class'} on images not "
+                                             "predicted so when clean",
                     "uap_over_random": "a systematic weak direction (a UAP beats random noise of the same norm)"}
             threat = f"{THREAT}, causing {harm[rule.metric]}"
             algos = ", ".join(sorted({c.attack.algorithm for c in chosen})) or "no"
@@ -490,13 +561,15 @@ def render_html(result: AuditResult, run_dir: Path) -> str:
         draws=sorted({c.draws for cell in cells for c in cell.controls.values()}),
         clean_split=clean_split,
         clean_figure=clean_figure,
-        figures=[_cell_figures(c, result, run_dir, splits) for c in cells],
+        figures=[_cell_figures(c, result, run_dir, splits) for c in _figure_cells(cells, _held_out(result))],
         policy_json=json.dumps(result.provenance.policy, indent=2, sort_keys=False, default=str),
         hardening=_hardening_view(result),
         transfer=_transfer_view(result, cells),
         summary=_summary_view(result, cells),
         traceability=_traceability(result),
         worst_algorithms=_worst_algorithms(cells, splits[-1]) if splits else [],
+        restart_spread=_restart_spread(cells, splits, _held_out(result)),
+        sweeps=[(sw, sweep_figure(sw)) for sw in result.sweeps],
     )
 
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from .errors import AuditkitError
 from .models import ZOO_NAMES
-from .policy import Policy, policy_from_record
+from .policy import AttackGrid, Policy, policy_from_record
 from .results import AuditResult, ModelInfo, read_json
 
 PLATFORM_FIELDS = ("platform", "python", "tensorflow", "onnxruntime", "numpy")
@@ -71,16 +71,19 @@ def _model_ref(info: ModelInfo) -> str:
 
 
 def _policy_for(policy: Policy, keys: list[str], classes: list[str]) -> Policy:
-    """The recorded policy reduced to the cells in `keys`, one grid each, without rules or hardening: each
-    cell draws from its own stream (policy seed, cell key), so it crafts the same UAP alone as in the grid."""
-    grids = []
+    """The recorded policy reduced to the cells in `keys`, one grid per cell and algorithm (crafting its restarts up
+    to the last one asked for), without sweeps, rules or hardening: each cell draws from its own stream (policy
+    seed, cell key, restart), so it crafts the same UAP alone as in the grid."""
+    grids: dict[str, AttackGrid] = {}
     for grid in policy.attacks:
         for cell in grid.expand(classes):
-            if cell.key in keys:
-                grids.append(grid.model_copy(update={
+            first = cell.model_copy(update={"restart": 0}).key
+            if cell.key in keys and (first not in grids or grids[first].restarts <= cell.restart):
+                grids[first] = grid.model_copy(update={
                     "kinds": [cell.kind], "targets": "all" if cell.target is None else [cell.target],
-                    "norms": [cell.norm], "zetas": [cell.zeta]}))
-    return policy.model_copy(update={"attacks": grids, "thresholds": [], "transfer": [],
+                    "norms": [cell.norm], "zetas": [cell.zeta], "algorithms": None, "algorithm": cell.algorithm,
+                    "restarts": cell.restart + 1, "sweep": None})
+    return policy.model_copy(update={"attacks": list(grids.values()), "thresholds": [], "transfer": [],
                                      "hardening": policy.hardening.model_copy(update={"enabled": False})})
 
 

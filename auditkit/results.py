@@ -87,10 +87,11 @@ class StrengthChecks:
     reach_zeta: float | None = None
     reach_rate: float | None = None  # crafting-set rate of a UAP crafted at reach_zeta
     reachable: bool | None = None
+    white_box_strongest: bool | None = None  # None: no black-box craft of the same cell to compare with
 
     def failed(self) -> list[str]:
         """Names of the checks that ran and failed."""
-        names = ("moved", "beats_noise", "monotone", "reachable")
+        names = ("moved", "beats_noise", "monotone", "reachable", "white_box_strongest")
         return [n for n in names if getattr(self, n) is False]
 
 
@@ -144,6 +145,43 @@ class CellResult:
         if record is None:
             return None
         return getattr(record, targeted if self.attack.kind == "targeted" else nontargeted)
+
+
+@dataclass
+class SweepPoint:
+    """One craft of a sweep: the UAP at one zeta (not saved), its headline rate on the sweep's split and its random
+    controls' (pooled)."""
+
+    zeta: float
+    xi: float
+    rate: Rate
+    control: Rate | None
+    uap_norm: float  # in the budget's norm
+    seconds: float
+
+
+@dataclass
+class SweepResult:
+    """The zeta at which the model breaks for one kind, target, norm and algorithm (auditkit.sweep)."""
+
+    key: str  # the cells' key without zeta, e.g. "nontargeted_inf" or "targeted-COVID-19_2_sgd"
+    attack: AttackSettings  # at the sweep's high zeta
+    split: str
+    level: float  # the headline rate (R_f or R_s) that counts as broken
+    low: float  # the zetas searched
+    high: float
+    points: list[SweepPoint]  # in the order crafted
+    critical_zeta: float | None  # the smallest zeta measured at or above level (None: not reached at high)
+    below: float | None  # the largest zeta measured below level under it (None: critical_zeta is low itself)
+    reach_zeta: float | None = None
+    reach_rate: float | None = None
+    reachable: bool | None = None  # as a cell's reachability check; False makes its rules INCONCLUSIVE
+
+    @property
+    def measured(self) -> float:
+        """What a critical_zeta rule judges: critical_zeta, or `high` where the level was not reached (a lower
+        bound: the model breaks, if at all, above it)."""
+        return self.high if self.critical_zeta is None else self.critical_zeta
 
 
 @dataclass
@@ -303,6 +341,7 @@ class AuditResult:
     deploy: DeployParity | None = None
     transfer_models: list[ModelInfo] = field(default_factory=list)  # deploy + transfer targets, in cell.transfer
     baseline: BaselineComparison | None = None  # --baseline: per-cell change since an earlier audit
+    sweeps: list[SweepResult] = field(default_factory=list)  # critical zeta per grid `sweep:`
 
     @property
     def failed_rules(self) -> list[RuleResult]:

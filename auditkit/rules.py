@@ -4,12 +4,12 @@ from __future__ import annotations
 from typing import Sequence
 
 from .policy import Threshold
-from .results import CellResult, RuleResult, SplitEval
+from .results import CellResult, RuleResult, SplitEval, SweepResult
 
 
-def apply_rules(thresholds: Sequence[Threshold], cells: Sequence[CellResult],
-                clean: dict[str, SplitEval]) -> list[RuleResult]:
-    return [_apply(rule, cells, clean) for rule in thresholds]
+def apply_rules(thresholds: Sequence[Threshold], cells: Sequence[CellResult], clean: dict[str, SplitEval],
+                sweeps: Sequence[SweepResult] = ()) -> list[RuleResult]:
+    return [_apply(rule, cells, clean, sweeps) for rule in thresholds]
 
 
 def verdict(rules: Sequence[RuleResult]) -> str:
@@ -18,11 +18,19 @@ def verdict(rules: Sequence[RuleResult]) -> str:
     return next((s for s in ("FAIL", "INCONCLUSIVE") if s in statuses), "PASS")
 
 
-def _apply(rule: Threshold, cells: Sequence[CellResult], clean: dict[str, SplitEval]) -> RuleResult:
-    """The rule's metric over its cells, the worst of them against its limit."""
+def _apply(rule: Threshold, cells: Sequence[CellResult], clean: dict[str, SplitEval],
+           sweeps: Sequence[SweepResult]) -> RuleResult:
+    """The rule's metric over its cells (or sweeps), the worst of them against its limit."""
     bound = "max" if rule.max is not None else "min"
+    failed_checks: list[str] = []
     if rule.metric == "clean_accuracy":
         measured, keys, worst, chosen = clean[rule.split].accuracy.value, [], None, []
+    elif rule.metric == "critical_zeta":
+        chosen = []
+        swept = [s for s in sweeps if rule.selects_sweep(s.attack, s.split)]
+        measured, worst = min((s.measured, s.key) for s in swept)
+        keys = [s.key for s in swept]
+        failed_checks = [f"{s.key}: reachable" for s in swept if s.reachable is False]
     else:
         chosen = [c for c in cells if rule.selects(c.attack)]
         values = [(c.metric_value(rule.metric, rule.split), c.key) for c in chosen]
@@ -33,5 +41,6 @@ def _apply(rule: Threshold, cells: Sequence[CellResult], clean: dict[str, SplitE
                                    ("zeta", rule.zeta), ("algorithm", rule.algorithm)) if v is not None}
     return RuleResult(name=rule.name, metric=rule.metric, split=rule.split, selectors=selectors, bound=bound,
                       limit=rule.limit, measured=float(measured), worst_cell=worst, cells=keys, passed=bool(passed),
-                      failed_checks=[f"{c.key}: {name}" for c in chosen if c.strength for name in c.strength.failed()])
+                      failed_checks=failed_checks + [f"{c.key}: {name}" for c in chosen if c.strength
+                                                     for name in c.strength.failed()])
 

@@ -74,21 +74,47 @@ def check_monotone(cells: Sequence[CellResult], splits: Sequence[str]) -> None:
             larger.strength.monotone = all(larger.headline(s).high >= smaller.headline(s).value for s in splits)
 
 
+def check_white_box(cells: Sequence[CellResult], splits: Sequence[str]) -> None:
+    """Where one cell (kind, target, norm, zeta, clipping) was crafted both with the model's gradients and from
+    queries alone (`blackbox`): the strongest gradient craft (over algorithms and restarts) must reach the
+    black-box rate on every split within its Wilson interval (its upper bound at least the black-box value). An
+    attacker with less access doing better means the gradients are suspect, and every gradient craft of that cell
+    fails the check. (A `--surrogate` run crafts every cell on the surrogate: it has no white-box cell to compare.)
+    """
+    threats: dict[tuple, list[CellResult]] = {}
+    for cell in cells:
+        a = cell.attack
+        threats.setdefault((a.kind, a.target, a.norm, a.zeta, a.clip), []).append(cell)
+    for threat in threats.values():
+        white = [c for c in threat if c.attack.algorithm != "blackbox"]
+        black = [c for c in threat if c.attack.algorithm == "blackbox"]
+        if not (white and black):
+            continue
+        strongest = {s: max((c.headline(s) for c in white), key=lambda r: r.value) for s in splits}
+        holds = all(strongest[s].high >= max(c.headline(s).value for c in black) for s in splits)
+        for cell in white:
+            cell.strength.white_box_strongest = holds
+
+
+def reach_settings(settings: AttackSettings, zeta: float, rate: float) -> AttackSettings:
+    """The reachability craft of a family: its restart 0 at `zeta`, stopping once it reaches `rate`."""
+    return settings.model_copy(update={"zeta": zeta, "restart": 0, "delta": max(settings.delta, 1.0 - rate)})
+
+
 def check_reachability(cells: Sequence[CellResult], reach: Callable[[AttackSettings], float], zeta: float,
                        rate: float) -> None:
-    """Once per family of cells differing only in zeta: a UAP crafted at a large budget (`zeta`, or the family's
+    """Once per family of cells differing only in zeta (and restart): a UAP crafted at a large budget (`zeta`, or the family's
     largest zeta where that is larger) must reach `rate` on the crafting set; if not, the gradients are suspect
     (masked, quantised input, a broken path)."""
     budget: dict[str, float] = {}
     for cell in cells:
-        family = _family(cell.attack, zeta=zeta)
+        family = _family(cell.attack, zeta=zeta, restart=0)
         budget[family] = max(budget.get(family, zeta), cell.attack.zeta)
     reached: dict[str, float] = {}
     for cell in cells:
-        family = _family(cell.attack, zeta=zeta)
+        family = _family(cell.attack, zeta=zeta, restart=0)
         if family not in reached:
-            reached[family] = reach(cell.attack.model_copy(update={"zeta": budget[family],
-                                                                   "delta": max(cell.attack.delta, 1.0 - rate)}))
+            reached[family] = reach(reach_settings(cell.attack, budget[family], rate))
         checks = cell.strength
         checks.reach_zeta, checks.reach_rate = budget[family], reached[family]
         checks.reachable = bool(reached[family] >= rate)

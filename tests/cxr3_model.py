@@ -129,9 +129,11 @@ def crafting_subset(train: Dataset, n: int, seed: int = 0) -> Dataset:
 
 
 def art_uap(keras_model, images: np.ndarray, *, xi: float, eps: float, max_iter: int, clip: bool,
-            target: int | None = None, seed: int = 0) -> tuple[np.ndarray, float]:
+            target: int | None = None, seed: int = 0, norm: float = np.inf) -> tuple[np.ndarray, float]:
     """(rho (H, W), seconds): ART 1.20.1's UniversalPerturbation, or TargetedUniversalPerturbation when `target`
-    is given, with the FGSM inner step, set up to match auditkit's PaperUAP (L-inf, eps, max_iter, clip) at xi.
+    is given, with the FGSM inner step, set up to match auditkit's PaperUAP (eps, max_iter, clip) at xi.
+    `norm` is the projection's (2 or inf); the FGSM step keeps its L-inf norm whatever it is, as the authors'
+    code called it (attacker_params with eps only), which is auditkit's default step_norm: inf.
 
     Matched: ART's `eps` is our xi (projection radius) and its FGSM `eps` our step; delta=1e-6 so that, like
     ours, it runs every pass unless the crafting set is fully flipped (ART's default delta=0.2 stops at 80%);
@@ -161,13 +163,13 @@ def art_uap(keras_model, images: np.ndarray, *, xi: float, eps: float, max_iter:
         start = time.perf_counter()
         if target is None:
             attack = UniversalPerturbation(classifier, attacker="fgsm", attacker_params=fgsm, delta=1e-6,
-                                           max_iter=max_iter, eps=xi, norm=np.inf, verbose=False)
+                                           max_iter=max_iter, eps=xi, norm=norm, verbose=False)
             attack.generate(x)
         else:
             # The targeted wrapper does not switch FGSM to targeted mode itself, and needs one-hot targets.
             attack = TargetedUniversalPerturbation(classifier, attacker="fgsm",
                                                    attacker_params=fgsm | {"targeted": True}, delta=1e-6,
-                                                   max_iter=max_iter, eps=xi, norm=np.inf)
+                                                   max_iter=max_iter, eps=xi, norm=norm)
             attack.generate(x, y=np.eye(len(CLASSES), dtype=np.float32)[np.full(len(x), target)])
         seconds = time.perf_counter() - start
     finally:

@@ -1,5 +1,5 @@
-"""Real chest X-rays (cxr3): a small CNN trained once and cached, a zeta = 2% L-inf UAP against same-norm random
-controls, and auditkit's loop against ART 1.20.1's UniversalPerturbation / TargetedUniversalPerturbation.
+"""Real chest X-rays (cxr3): a small CNN trained once and cached, zeta = 2% L-inf and L2 UAPs against same-norm
+random controls, and auditkit's loop against ART 1.20.1's UniversalPerturbation / TargetedUniversalPerturbation.
 
 Skipped where ../shared/data/cxr3 (relative to the repo root) is absent.
 """
@@ -29,6 +29,7 @@ CRAFT_IMAGES = 300  # ART visits ~30 images/s here; 300 x 5 passes keeps both AR
 # 0.005 give test R_f 0.45-0.55, and 10 passes add nothing over 5.
 EPS, PASSES = 0.002, 5
 CONTROL_DRAWS = 5
+L2_PASSES = 3  # sign steps reach the L2 ball within the first pass here; ART takes ~20 s for 300 images x 3 passes
 MARGIN = 0.10  # auditkit may trail ART by at most this much (the two visit images in different random orders)
 
 
@@ -118,3 +119,40 @@ def test_targeted_to_covid_at_least_as_strong_as_art(cnn, setting):
     report("auditkit targeted R_f", metrics.fooling_rate(labels, ours_pred))
     report("ART targeted R_f", metrics.fooling_rate(labels, art_pred))
     assert ours.value >= art.value - MARGIN
+
+
+@pytest.fixture(scope="module")
+def l2_setting(cnn, setting):
+    """The zeta = 2% L2 budget, and auditkit's default L2 UAP on it (sign steps, L2 projection)."""
+    craft, test, labels, _ = setting
+    xi, _ = xi_for(craft, "2", ZETA)
+    result = PaperUAP(attack_settings("2", zeta=ZETA, eps=EPS, max_iter=L2_PASSES, clip=True)).craft(
+        cnn[1], craft, xi, np.random.default_rng(1))
+    return xi, result
+
+
+def test_l2_uap_beats_its_random_control_three_times(cnn, setting, l2_setting):
+    _, test, labels, _ = setting
+    xi, ours = l2_setting
+    uap = metrics.fooling_rate(labels, attacked(cnn[1], test, ours.rho))
+    control = metrics.pooled_rate([
+        metrics.fooling_rate(labels, attacked(cnn[1], test, random_control(test.shape[1:], "2", xi,
+                                                                           np.random.default_rng(seed))))
+        for seed in range(CONTROL_DRAWS)])
+    report(f"L2 UAP R_f (xi={xi:.3f}, norm {np.linalg.norm(ours.rho):.3f})", uap, ours.seconds)
+    report(f"L2 random control R_f ({CONTROL_DRAWS} draws pooled)", control)
+    assert uap.value >= 3 * control.value and uap.low > control.high
+
+
+def test_l2_uap_agrees_with_art_called_as_the_authors_did(cnn, setting, l2_setting):
+    """The authors' call: ART's UniversalPerturbation with norm=2 and an FGSM attacker given eps alone (its
+    default L-inf step). auditkit's default L2 cell and it agree within their Wilson intervals."""
+    craft, test, labels, _ = setting
+    xi, ours_result = l2_setting
+    art_rho, art_seconds = art_uap(cnn[0], craft, xi=xi, eps=EPS, max_iter=L2_PASSES, clip=True, seed=1, norm=2)
+    assert np.linalg.norm(art_rho) <= xi * (1 + 1e-5)
+    ours = metrics.fooling_rate(labels, attacked(cnn[1], test, ours_result.rho))
+    art = metrics.fooling_rate(labels, attacked(cnn[1], test, art_rho))
+    report("auditkit L2 R_f", ours, ours_result.seconds)
+    report("ART L2 R_f (fgsm default norm, L2 projection)", art, art_seconds)
+    assert ours.low <= art.high and art.low <= ours.high

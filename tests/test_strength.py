@@ -165,3 +165,37 @@ def test_moved_means_half_the_budget_or_every_crafting_image_already_fooled():
     assert not strength_of(cell, small, 0.1, [0.3, 0.5], {}, 0.01).moved  # stopped short of xi/2 and of success
     assert strength_of(cell, small, 0.1, [0.5, 1.0], {}, 0.01).moved  # did all there was to do, with less
     assert strength_of(cell, small * 6, 0.1, [0.2], {}, 0.01).moved
+
+
+def test_a_black_box_craft_beating_every_gradient_craft_of_its_cell_marks_them_suspect(tmp_path):
+    import dataclasses
+
+    from auditkit.metrics import rate
+    from auditkit.rules import apply_rules
+    from auditkit.policy import Threshold
+    from auditkit.results import StrengthChecks
+    from auditkit.strength import check_white_box
+    from test_report import make_result
+
+    base = make_result(tmp_path).cells[0]
+
+    def crafted(algorithm: str, fooled: int, restart: int = 0):
+        attack = base.attack.model_copy(update={"algorithm": algorithm, "restart": restart})
+        evals = {s: dataclasses.replace(e, fooling_rate=rate(fooled, 100)) for s, e in base.evals.items()}
+        return dataclasses.replace(base, key=attack.key, attack=attack, evals=evals,
+                                   strength=StrengthChecks(uap_norm=1.0, moved=True, noise_p_values={},
+                                                           beats_noise=True))
+
+    weak = [crafted("paper", 20), crafted("sgd", 25), crafted("sgd", 30, restart=1), crafted("blackbox", 60)]
+    check_white_box(weak, ["train", "test"])
+    assert [c.strength.white_box_strongest for c in weak] == [False, False, False, None]
+    rule = apply_rules([Threshold(metric="fooling_rate", split="test", max=0.9)], weak, {})[0]
+    assert rule.passed and rule.status == "INCONCLUSIVE" and "nontargeted_inf_z0.02_sgd_r1: white_box_strongest" \
+        in rule.failed_checks
+    # one gradient craft as strong as the black-box one (within its interval) clears every gradient craft
+    strong = [crafted("paper", 20), crafted("sgd", 55), crafted("blackbox", 60)]
+    check_white_box(strong, ["train", "test"])
+    assert [c.strength.white_box_strongest for c in strong] == [True, True, None]
+    alone = [crafted("paper", 20)]
+    check_white_box(alone, ["train", "test"])
+    assert alone[0].strength.white_box_strongest is None

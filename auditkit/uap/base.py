@@ -99,6 +99,7 @@ class AttackSettings(Crafting):
     target: str | None = None
     norm: Norm
     zeta: Zeta
+    restart: int = Field(0, ge=0)  # which of a grid's `restarts` independent crafts of this cell
 
     @model_validator(mode="after")
     def _check_target(self) -> AttackSettings:
@@ -109,12 +110,20 @@ class AttackSettings(Crafting):
     @property
     def key(self) -> str:
         """Stable, filename-safe id, e.g. "nontargeted_inf_z0.02" or "targeted-COVID-19_2_z0.01" (+ "_sgd", and
-        "_step2" where the inner step's norm is not the default)."""
+        "_step2" where the inner step's norm is not the default, "_r1" for restart 1)."""
         head = self.kind if self.target is None else f"targeted-{re.sub(r'[^A-Za-z0-9_.-]', '_', self.target)}"
         tail = "" if self.algorithm == "paper" else f"_{self.algorithm}"
         if self.step_norm != Crafting.model_fields["step_norm"].default:
             tail += f"_step{self.step_norm}"
+        if self.restart:
+            tail += f"_r{self.restart}"
         return f"{head}_{self.norm}_z{float(self.zeta)!r}{tail}"
+
+    def stream(self, seed: int, purpose: str = "") -> np.random.Generator:
+        """The cell's seeded stream (`purpose` appended for other draws, e.g. ":reach"). Restart 0 draws from the
+        cell's key as a grid without restarts does; restart r from "<key of restart 0>:restart<r>"."""
+        base = self.model_copy(update={"restart": 0}).key
+        return cell_rng(seed, (f"{base}:restart{self.restart}" if self.restart else base) + purpose)
 
     @property
     def algorithm_settings(self) -> BaseModel | None:
