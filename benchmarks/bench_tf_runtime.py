@@ -18,19 +18,7 @@ import time
 
 VARIANTS = {
     "all private uses": "",
-    "FLAT_CALL -> ConcreteFunction call": """
-from auditkit.models import tf_runtime
-def public_call(self, *args):
-    if self._traced is None:
-        self._traced = self._function.get_concrete_function()
-    return self._traced(*args)
-tf_runtime.GraphFunction.__call__ = public_call
-""",
-    "GRADIENT_OVERRIDE -> TF's gradients": """
-from auditkit.models import keras
-keras.with_fast_input_gradients = lambda frozen, tf: (frozen, {})
-""",
-    "FREEZE (and so GRADIENT_OVERRIDE) -> variables": """
+    "FREEZE -> variables": """
 from auditkit.models import keras
 def unfreezable(_function):
     raise RuntimeError("freezing off for this benchmark")

@@ -11,7 +11,6 @@ import numpy as np
 from ..errors import AuditkitError
 from .checks import check_input_rank, check_input_shape
 from .base import TFAdapter, complete_spec, infer_spec
-from .fast_gradients import with_fast_input_gradients
 from .tf_runtime import configure_tensorflow, freeze
 
 
@@ -48,9 +47,8 @@ def _weights_digest(model) -> bytes:
 
 
 def _frozen_forward(model, tf):
-    """The Keras model's inference call with its current weights as constants and cheaper input gradients for its
-    convolutions (`fast_gradients`), or the call itself (weights read as variables) where TF cannot freeze the
-    model or differentiate it frozen."""
+    """The Keras model's inference call with its current weights as constants, or the call itself (weights read as
+    variables) where TF cannot freeze the model or differentiate it frozen."""
     spec = tf.TensorSpec((None, *model.inputs[0].shape[1:]), tf.float32)
     unfrozen = lambda x: model(x, training=False)  # noqa: E731
     try:
@@ -60,10 +58,6 @@ def _frozen_forward(model, tf):
         return unfrozen
     if not _differentiable(frozen):
         return unfrozen
-    try:
-        frozen, _ = with_fast_input_gradients(frozen, tf)
-    except Exception:  # noqa: BLE001 - a graph TF cannot import again keeps TF's own gradients
-        pass
     return lambda x: frozen(x)[0]
 
 

@@ -19,7 +19,6 @@ import numpy as np
 
 from ..errors import AuditkitError
 from .base import TFAdapter, complete_spec, infer_spec
-from .fast_gradients import with_fast_input_gradients
 from .spec import TENSOR_FIELDS, ModelSpec
 from .tf_runtime import configure_tensorflow, function_from_graph_def
 
@@ -50,10 +49,6 @@ class TF1CheckpointAdapter(TFAdapter):
         graph = infer_spec(pruned.inputs[0].shape.as_list(), "logits" if names.logits else "softmax",
                            pruned.outputs[0].shape.as_list()[-1])
         spec = complete_spec(graph.merged(spec_overrides | {"output": graph.output}, where), name, graph)
-        try:
-            pruned, _ = with_fast_input_gradients(pruned, tf)
-        except Exception:  # noqa: BLE001 - a graph TF cannot import again keeps TF's own gradients
-            pass
         super().__init__(name, meta_path, spec, lambda x: pruned(x)[0], parameters)
 
     def model_files(self) -> list[Path]:

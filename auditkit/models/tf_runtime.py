@@ -1,15 +1,13 @@
 """The one home of TensorFlow set-up and of every private TensorFlow API auditkit uses.
 
-Each private use is named here with what it buys (measured; docs/engine.md has the figures and how they were
-taken) and its public fallback:
+Each private use is named here with what it buys, measured on a whole `policies/paper.yaml` run
+(benchmarks/bench_tf_runtime.py; figures in docs/engine.md), and its public fallback. A use that bought under 5% of
+that run was dropped: the traced graph's flat call (`_call_flat`, -0.1% CPU time) and cheaper convolution input
+gradients through the `_gradient_op_type` node attribute (2.0%).
 
-- FLAT_CALL: `ConcreteFunction._call_flat` in GraphFunction runs a traced graph with no argument binding;
-  public fallback: calling the ConcreteFunction (binds the arguments to its structure on every call).
 - FREEZE: `convert_to_constants.convert_variables_to_constants_v2` folds a Keras model's weights into the loop's
-  graph as constants; public fallback: the model's own call, reading its variables.
-- GRADIENT_OVERRIDE: the `_gradient_op_type` node attribute (what TF1's `gradient_override_map` sets) gives a
-  frozen graph's convolutions cheaper registered input gradients (fast_gradients); public fallback: TF's own
-  gradients.
+  graph as constants (11% less CPU time on paper.yaml); public fallback: the model's own call, reading its
+  variables.
 - OP_DETERMINISM: `framework.config.is_op_determinism_enabled` / `disable_op_determinism` let training switch
   deterministic ops off again afterwards; the public API can only switch them on. Not a speed measure: without it
   seeded training would leave every later TF op in the process deterministic (slower).
@@ -19,9 +17,6 @@ from __future__ import annotations
 import contextlib
 import threading
 from typing import Any
-
-GRADIENT_OVERRIDE_ATTR = "_gradient_op_type"
-
 
 def configure_tensorflow() -> Any:
     """Import TF once, with threading chosen for a small CPU: all cores inside an op (AUDITKIT_THREADS caps them),
@@ -57,30 +52,18 @@ _TRACING = threading.Lock()
 
 class GraphFunction:
     """`fn` as a TF graph for a fixed input signature, traced at the first call, which every later call runs
-    directly: tf.function's own dispatch matches the arguments against its signature on each call, 0.6-1 ms a
-    call on a 2-core Xeon, a quarter of a single-image UAP step at 64 px. Arguments that fit the signature go
-    straight to the traced graph (its flat call, private to TF 2.21): the public call still bound them to the
-    signature's structure, 0.1-0.2 ms of a 2.7 ms single-image step at 224 px. Others take the public call, which
-    says what does not fit."""
+    directly: tf.function's own dispatch matches the arguments against its signature on each call (see
+    docs/engine.md for what that cost)."""
 
     def __init__(self, tf, fn, signature: list):
         self._function = tf.function(fn, input_signature=signature)
-        self._tf, self._signature = tf, signature
-        self._traced = self._flat_call = None
+        self._traced = None
 
     def __call__(self, *args):
         if self._traced is None:
             with _TRACING:
                 if self._traced is None:
-                    traced = self._function.get_concrete_function()
-                    self._flat_call = getattr(traced, "_call_flat", None)
-                    self._traced = traced
-        tf = self._tf
-        if self._flat_call is not None and len(args) == len(self._signature):  # private: see FLAT_CALL
-            flat = [a if isinstance(a, tf.Tensor) else tf.constant(a, spec.dtype)
-                    for a, spec in zip(args, self._signature)]
-            if all(spec.is_compatible_with(t) for spec, t in zip(self._signature, flat)):
-                return self._flat_call(flat, self._traced.captured_inputs)
+                    self._traced = self._function.get_concrete_function()
         return self._traced(*args)
 
 
@@ -127,12 +110,6 @@ def freeze(concrete_function):
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
     return convert_variables_to_constants_v2(concrete_function)
-
-
-def override_gradient(node_def, gradient_name: str) -> None:
-    """Have TF differentiate this graph node with the gradient registered as `gradient_name` (private: see
-    GRADIENT_OVERRIDE)."""
-    node_def.attr[GRADIENT_OVERRIDE_ATTR].s = gradient_name.encode()
 
 
 def function_from_graph_def(tf, graph_def, inputs: list[str], outputs: list[str]):
