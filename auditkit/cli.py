@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import json
 import shlex
 import signal
@@ -611,4 +612,14 @@ def _pct(rate) -> str:
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except SystemExit as exc:
+        if exc.code in (130, 143):
+            # Interrupted: the staging folder is gone and the line printed, but a cell's threads may still be inside
+            # TensorFlow ops, and finalising the interpreter under them now and then crashed the process (SIGSEGV),
+            # losing the exit code. Leave at once.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(exc.code)
+        raise
