@@ -180,7 +180,7 @@ def main(argv=None) -> None:
         return result, time.perf_counter() - start
 
     # every compiled loop op traced before any timing (a short warm-up run need not reach them all)
-    loop = loop_ops(adapter, "inf", True, Nontargeted())
+    loop = loop_ops(adapter, "inf", True, Nontargeted(), "inf")
     w, rho0, f32 = loop.hold(craft[:4], np.zeros(4, np.int32)), np.zeros(craft.shape[1:], np.float32), np.float32
     some = np.arange(1, 4, dtype=np.int32)
     loop.walk(*w, some, np.zeros(len(some), bool), rho0, f32(xi), f32(args.eps))

@@ -197,7 +197,7 @@ def test_a_walk_through_several_images_equals_one_call_per_image(tiny_model, pha
     X = load_dataset(phantom_manifest, adapter.classes, preprocess=Preprocess(size=adapter.spec.input_size),
                      cache_dir=False).subset("train").floats()
     y = adapter.predict(X).astype(np.int32)
-    loop = loop_ops(adapter, norm, True, Nontargeted())
+    loop = loop_ops(adapter, norm, True, Nontargeted(), "inf")
     held = loop.hold(X, y)
     xi, _ = xi_for(X, norm, 0.1)
     xi, eps = np.float32(xi), np.float32(0.05 if norm == "inf" else 1.0)
@@ -251,7 +251,7 @@ def test_the_loop_follows_weights_changed_in_place(tiny_model, phantom_manifest)
     labels = adapter.predict(X).astype(np.int32)
     zero = np.zeros(X.shape[1:], np.float32)
     everyone = np.arange(len(X), dtype=np.int32)
-    before = loop_ops(adapter, "inf", True, Nontargeted())
+    before = loop_ops(adapter, "inf", True, Nontargeted(), "inf")
     assert not fooled(before, *before.hold(X, labels), everyone, zero).any()
 
     last = adapter.model.layers[-1]
@@ -259,7 +259,7 @@ def test_the_loop_follows_weights_changed_in_place(tiny_model, phantom_manifest)
     target = int(np.argmin(np.bincount(labels, minlength=len(bias))))  # a class few images are predicted as
     bias[target] += 100.0
     last.set_weights([kernel, bias])
-    after = loop_ops(adapter, "inf", True, Nontargeted())
+    after = loop_ops(adapter, "inf", True, Nontargeted(), "inf")
     assert after is not before
     flipped = fooled(after, *after.hold(X, labels), everyone, zero)
     np.testing.assert_array_equal(flipped, adapter.predict(X) != labels)

@@ -42,7 +42,7 @@ class LoopOps(Protocol):
         (rho, velocity, whether each image was fooled before the step)."""
 
 
-def loop_ops(model: ModelAdapter, norm: str, clip: bool, criterion: Criterion, step_norm: str = "inf") -> LoopOps:
+def loop_ops(model: ModelAdapter, norm: str, clip: bool, criterion: Criterion, step_norm: str) -> LoopOps:
     """The loop for `model`: projection onto the `norm` ball; the paper loop's FGSM step along `step_norm`'s
     direction (sign or unit L2); SGD steps along the budget norm's."""
     if isinstance(model, TFAdapter):
@@ -84,7 +84,7 @@ _HELD = _HeldSets()
 
 @contextlib.contextmanager
 def prepared(model: ModelAdapter, images: np.ndarray, criterion: Criterion, clean_pred: np.ndarray | None,
-             norm: str, clip: bool, step_norm: str = "inf"):
+             norm: str, clip: bool, step_norm: str):
     """(the loop ops; the checked images and the labels the criterion compares predictions with, held for its calls;
     the number of images; a zero rho) for one crafting run."""
     model.require_gradients()

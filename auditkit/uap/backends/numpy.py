@@ -10,7 +10,7 @@ from ..geometry import GRAD_NORM_FLOOR, project
 class ArrayLoop:
     """LoopOps (see backends) with the TF backend's semantics, image by image where it steps one image."""
 
-    def __init__(self, model, norm: str, clip: bool, criterion: Criterion, step_norm: str = "inf"):
+    def __init__(self, model, norm: str, clip: bool, criterion: Criterion, step_norm: str):
         self._model, self._norm, self._clip, self._criterion = model, norm, clip, criterion
         self._step_norm = step_norm
         self._floor = np.float32(GRAD_NORM_FLOOR)

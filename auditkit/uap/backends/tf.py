@@ -20,7 +20,7 @@ _LOCK = threading.Lock()
 _LOOPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def compiled_loop(model: TFAdapter, norm: str, clip: bool, criterion: Criterion, step_norm: str = "inf") -> TFLoop:
+def compiled_loop(model: TFAdapter, norm: str, clip: bool, criterion: Criterion, step_norm: str) -> TFLoop:
     """The traced loop for this model, traced again when its weights change (hardening trains in place)."""
     key = (norm, clip, criterion.targeted, step_norm)
     version, log_probs = model.loop_log_probs()
@@ -35,7 +35,7 @@ class TFLoop:
     """LoopOps (see backends) over a TF log-probability function of image-space batches."""
 
     def __init__(self, model: TFAdapter, log_probs_of, norm: str, clip: bool, criterion: Criterion,
-                 step_norm: str = "inf"):
+                 step_norm: str):
         tf = self._tf = model.tf
         self._log_probs_of, self._norm, self._clip, self._criterion = log_probs_of, norm, clip, criterion
         self._step_norm = step_norm
