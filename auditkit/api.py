@@ -42,8 +42,8 @@ def run(model: str | Path | ModelAdapter, policy: str | Path | Policy, out_dir: 
     manifest's folder). `spec_file` is the model's model.yaml when not beside it; `spec_overrides` override it (CLI
     flags). `surrogate` crafts the UAPs on another (white-box) model; `deploy` is the file actually shipped (e.g. the
     ONNX export), evaluated under every UAP with a parity check; `transfer` models (plus the policy's
-    `transfer:` list) are evaluated under every UAP for a transferability matrix. `jobs` cells run at a time
-    (default: one per CPU core), with the same results.
+    `transfer:` list) are evaluated under every UAP for a transferability matrix. At most `jobs` cells are
+    crafted side by side (default: every cell that shares norms and clip), with the same results.
 
     Every run writes evidence.json (an in-toto statement over all outputs; a DSSE envelope signed with the
     Ed25519 key in `sign_key` when given) and, with `sbom`, a CycloneDX SBOM of the environment.

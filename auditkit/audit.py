@@ -1,11 +1,9 @@
 """Run a policy against a model and a dataset: clean baseline, UAP cells, random controls, thresholds."""
 from __future__ import annotations
 
-import os
 import platform
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,6 +27,7 @@ from .strength import (check_monotone, check_reachability, check_white_box, head
                        reach_rate, reach_settings, strength_of)
 from .sweep import bisect, sweep_key
 from .uap import make_attack
+from .uap.backends import craft_side_by_side, groupable
 from .uap.base import AttackSettings, CraftResult, cell_rng
 from .uap.criteria import criterion_for
 from .uap.geometry import image_norms, perturb, random_control, xi_for
@@ -101,13 +100,14 @@ def run_audit(policy: Policy, model: ModelAdapter, dataset: Dataset, *, syntheti
               executor: CellExecutor | None = None) -> AuditResult:
     """Craft and evaluate every cell of the policy; write UAPs and example images under `out_dir`.
 
-    Cells are independent (each draws from its own seeded stream), so `jobs` of them (default: one per CPU core)
-    run at a time in threads; the results do not depend on `jobs`.
+    Cells are independent (each draws from its own seeded stream): those that share the norms of budget and step
+    and clip are crafted side by side, `jobs` at a time (default: all of them); the results do not depend on
+    `jobs`.
 
     `surrogate` crafts the UAPs instead of `model` (transfer attack on a model without usable gradients);
     `deploy` (the file a team ships, e.g. ONNX) and `transfer` models are evaluated under every UAP too.
     `store` keeps every finished cell (and reachability craft) and gives back those an interrupted run finished;
-    `executor` runs the cells elsewhere (default: here, `jobs` at a time).
+    `executor` runs the cells elsewhere (default: here, side by side).
     """
     progress = progress or SilentProgress()
     started, t0 = datetime.now(timezone.utc), time.perf_counter()
@@ -129,7 +129,8 @@ def run_audit(policy: Policy, model: ModelAdapter, dataset: Dataset, *, syntheti
         title=policy.report.title, organisation=policy.report.organisation, intended_use=policy.report.intended_use,
         verdict=verdict(rules), model=model_info(model), data=data_info,
         clean=run.clean, cells=cells, rules=rules,
-        provenance=_provenance(policy, policy_path, command, started, finished, time.perf_counter() - t0),
+        provenance=_provenance(policy, policy_path, command, started, finished, time.perf_counter() - t0,
+                               run.phases),
         crafted_on=model_info(surrogate) if surrogate else None,
         deploy=_deploy_parity(model, deploy, run.splits, run.eval_splits) if deploy else None,
         transfer_models=[model_info(m) for m in run.others.values()], sweeps=sweeps,
@@ -154,6 +155,7 @@ class AuditRun:
     others: dict[str, ModelAdapter] = field(default_factory=dict)  # deployed twin and transfer targets, by name
     other_clean: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # their clean predictions
     reached: dict[AttackSettings, float] = field(default_factory=dict)  # reachability crafts done, by settings
+    phases: dict[str, float] = field(default_factory=dict)  # wall seconds spent in each phase of the audit
 
     @classmethod
     def prepare(cls, policy: Policy, model: ModelAdapter, dataset: Dataset, out_dir: Path, progress: Progress, *,
@@ -169,17 +171,20 @@ class AuditRun:
         if any(a != "blackbox" for g in policy.attacks for a in g.crafted_with):
             crafter.require_gradients()
         cfg = policy.data
+        start = time.perf_counter()
         splits = prepare_splits(cfg, policy.seed, model, dataset, progress)
         craft = splits[cfg.craft_split]
         if surrogate is not None:  # the loop's clean predictions C(x) are the crafting model's
             craft = Split(craft.name, craft.images, craft.labels, craft.ids, surrogate.predict(craft.images))
         others = {m.name: m for m in ([deploy] if deploy else []) + list(transfer)}
-        return cls(model=model, crafter=crafter, classes=classes, splits=splits, craft=craft,
-                   eval_splits=list(cfg.eval_splits), seed=policy.seed, control_draws=policy.random_controls.draws,
-                   alpha=policy.strength.alpha, out_dir=out_dir,
-                   clean={name: evaluate(splits[name], None, classes) for name in cfg.eval_splits}, others=others,
-                   other_clean={name: {s: m.predict(splits[s].images) for s in cfg.eval_splits}
-                                for name, m in others.items()})
+        run = cls(model=model, crafter=crafter, classes=classes, splits=splits, craft=craft,
+                  eval_splits=list(cfg.eval_splits), seed=policy.seed, control_draws=policy.random_controls.draws,
+                  alpha=policy.strength.alpha, out_dir=out_dir,
+                  clean={name: evaluate(splits[name], None, classes) for name in cfg.eval_splits}, others=others,
+                  other_clean={name: {s: m.predict(splits[s].images) for s in cfg.eval_splits}
+                               for name, m in others.items()})
+        run._timed("clean predictions", start)
+        return run
 
     @property
     def example_split(self) -> Split:
@@ -191,7 +196,7 @@ class AuditRun:
                   jobs: int | None, store: CellStore | None = None,
                   executor: CellExecutor | None = None) -> list[CellResult]:
         """Every cell: those `store` holds from an interrupted run restored, the others run by `executor` (default:
-        here, `jobs` at a time), each kept in `store` as it finishes."""
+        here, side by side), each kept in `store` as it finishes."""
         reused = {}
         for cell in cells if store is not None else ():
             if (result := store.restore(cell.key, self.out_dir)) is not None:
@@ -212,56 +217,63 @@ class AuditRun:
 
     def _run_here(self, cells: Sequence[AttackSettings], progress: Progress,
                   finished: Callable[[CellResult], None], jobs: int | None) -> list[CellResult]:
-        """Cells in this process, `jobs` at a time (one bar for the whole grid then: the cells' own passes
-        interleave)."""
+        """Cells in this process, crafted side by side in groups of at most `jobs` (default: every cell that can)."""
+        results = []
+        for group in side_by_side_groups(cells, jobs):
+            for result in self.run_group(group, progress):
+                finished(result)
+                results.append(result)
+        return results
 
-        def logged(result: CellResult) -> CellResult:
-            finished(result)
-            return result
+    def _craft(self, cells: Sequence[AttackSettings], progress: Progress | None = None, purpose: str = "",
+               ) -> list[tuple[CraftResult, float, float, np.random.Generator]]:
+        """UAPs crafted side by side, each from its cell's seeded stream (+ `purpose`): per cell (result, xi, mean
+        image norm, the stream left to draw from)."""
+        start = time.perf_counter()
+        streams = [settings.stream(self.seed, purpose) for settings in cells]
+        budgets = [xi_for(self.craft.images, settings.norm, settings.zeta) for settings in cells]
+        shown = progress and _PassProgress(cells, progress)
+        attacks = [make_attack(settings, shown and shown.of(k)) for k, settings in enumerate(cells)]
+        if len(cells) == 1:
+            crafted = [attacks[0].craft(self.crafter, self.craft.images, budgets[0][0], streams[0],
+                                        clean_pred=self.craft.clean_pred)]
+        else:
+            crafted = craft_side_by_side(self.crafter, self.craft.images,
+                                         [(a, xi, rng) for a, (xi, _), rng in zip(attacks, budgets, streams)],
+                                         clean_pred=self.craft.clean_pred)
+        if shown:
+            shown.finish()
+        self._timed("crafting", start)
+        return [(c, xi, mean_norm, rng) for c, (xi, mean_norm), rng in zip(crafted, budgets, streams)]
 
-        jobs = min(len(cells), jobs or os.cpu_count() or 1)
-        if jobs <= 1:
-            return [logged(self.run_cell(cell, progress)) for cell in cells]
-        progress.start(f"crafting and evaluating {len(cells)} cells, {jobs} at a time", len(cells))
-        with ThreadPoolExecutor(max_workers=jobs) as pool:
-            futures = [pool.submit(self.run_cell, cell, SilentProgress()) for cell in cells]
-            try:
-                for done, future in enumerate(as_completed(futures), start=1):
-                    logged(future.result())
-                    progress.update(done)
-            except BaseException:
-                for future in futures:  # a failed cell stops the grid: nothing queued starts
-                    future.cancel()
-                raise
-        progress.done()
-        return [f.result() for f in futures]
-
-    def _craft(self, settings: AttackSettings, progress: Progress | None = None, purpose: str = "",
-               ) -> tuple[CraftResult, float, float, np.random.Generator]:
-        """One UAP crafted from the cell's seeded stream (+ `purpose`): (result, xi, mean image norm, the stream
-        left to draw from)."""
-        rng = settings.stream(self.seed, purpose)
-        xi, mean_norm = xi_for(self.craft.images, settings.norm, settings.zeta)
-        attack = make_attack(settings, progress and _PassProgress(settings, progress))
-        crafted = attack.craft(self.crafter, self.craft.images, xi, rng, clean_pred=self.craft.clean_pred)
-        return crafted, xi, mean_norm, rng
+    def _timed(self, phase: str, start: float) -> None:
+        self.phases[phase] = self.phases.get(phase, 0.0) + time.perf_counter() - start
 
     def run_cell(self, settings: AttackSettings, progress: Progress) -> CellResult:
         """Craft one UAP from the cell's seeded stream, save it, evaluate it and its random controls."""
-        crafted, xi, mean_norm, rng = self._craft(settings, progress)
-        rho = crafted.rho
-        uap_file = f"uaps/{settings.key}.npy"
-        _save_npy(self.out_dir / uap_file, rho)
-        evals, controls, p_values = self._evaluate(settings, rho, xi, rng, progress)
-        result = CellResult(
-            key=settings.key, attack=settings, xi=xi, mean_image_norm=mean_norm, seed=self.seed, uap_file=uap_file,
-            uap_norm_l2=float(np.linalg.norm(rho)), uap_norm_linf=float(np.abs(rho).max()),
-            passes=crafted.passes, crafting_rates=crafted.rates, visited=crafted.visited,
-            gradient_steps=crafted.steps, seconds=crafted.seconds, queries=crafted.queries,
-            evals=evals, controls=controls, examples=self._examples(settings, rho),
-            strength=strength_of(settings, rho, xi, crafted.rates, p_values, self.alpha))
-        result.transfer = {name: self._transfer_evals(settings, rho, m) for name, m in self.others.items()}
-        return result
+        return self.run_group([settings], progress)[0]
+
+    def run_group(self, cells: Sequence[AttackSettings], progress: Progress) -> list[CellResult]:
+        """Cells crafted side by side (see side_by_side_groups), then each one's UAP saved and evaluated with its
+        random controls."""
+        results = []
+        for settings, (crafted, xi, mean_norm, rng) in zip(cells, self._craft(cells, progress)):
+            rho = crafted.rho
+            uap_file = f"uaps/{settings.key}.npy"
+            _save_npy(self.out_dir / uap_file, rho)
+            evals, controls, p_values = self._evaluate(settings, rho, xi, rng, progress)
+            start = time.perf_counter()
+            result = CellResult(
+                key=settings.key, attack=settings, xi=xi, mean_image_norm=mean_norm, seed=self.seed,
+                uap_file=uap_file, uap_norm_l2=float(np.linalg.norm(rho)), uap_norm_linf=float(np.abs(rho).max()),
+                passes=crafted.passes, crafting_rates=crafted.rates, visited=crafted.visited,
+                gradient_steps=crafted.steps, seconds=crafted.seconds, queries=crafted.queries,
+                evals=evals, controls=controls, examples=self._examples(settings, rho),
+                strength=strength_of(settings, rho, xi, crafted.rates, p_values, self.alpha))
+            result.transfer = {name: self._transfer_evals(settings, rho, m) for name, m in self.others.items()}
+            self._timed("evaluation", start)
+            results.append(result)
+        return results
 
     def _target(self, settings: AttackSettings) -> int | None:
         return None if settings.target is None else self.classes.index(settings.target)
@@ -279,12 +291,15 @@ class AuditRun:
         controls_rho = [random_control(rho.shape, settings.norm, xi, rng) for _ in range(self.control_draws)]
         for name in splits:
             split = self.splits[name]
+            start = time.perf_counter()
             pred = self.model.predict(perturb(split.images, rho, settings.clip))
             evals[name] = evaluate(split, rho, self.classes, model=self.model, clip=settings.clip, target=target,
                                    adv_pred=pred)
+            self._timed("evaluation", start)
             done += 1
             progress.update(done)
             draws, control_success = [], []
+            start = time.perf_counter()
             for r in controls_rho:
                 control_pred = self.model.predict(perturb(split.images, r, settings.clip))
                 control_success.append(headline_success(control_pred, split.labels, target))
@@ -294,6 +309,7 @@ class AuditRun:
                 progress.update(done)
             if draws:
                 controls[name] = _summarise_controls(name, draws)
+            self._timed("controls", start)
             p_values[name] = paired_p_value(headline_success(pred, split.labels, target), control_success)
         progress.done()
         return evals, controls, p_values
@@ -302,7 +318,7 @@ class AuditRun:
         """The reachability check's craft: a UAP crafted with `settings` from its own seeded stream, and the rate
         it reaches on the crafting set (see strength.reach_rate); crafted once per settings."""
         if settings not in self.reached:
-            crafted = self._craft(settings, purpose=":reach")[0]
+            crafted = self._craft([settings], purpose=":reach")[0][0]
             pred = self.crafter.predict(perturb(self.craft.images, crafted.rho, settings.clip))
             self.reached[settings] = reach_rate(pred, self.craft.clean_pred, self._target(settings))
         return self.reached[settings]
@@ -315,7 +331,7 @@ class AuditRun:
 
         def measure(zeta: float) -> SweepPoint:
             at = settings.model_copy(update={"zeta": zeta})
-            crafted, xi, _, rng = self._craft(at, progress)
+            crafted, xi, _, rng = self._craft([at], progress)[0]
             evals, controls, _ = self._evaluate(at, crafted.rho, xi, rng, progress, [sweep.split])
             metric = "targeted_success_rate" if at.target is not None else "fooling_rate"
             control = controls.get(sweep.split)
@@ -371,21 +387,57 @@ class AuditRun:
 
 
 class _PassProgress:
-    """An attack's per-pass progress calls, drawn as one bar per pass."""
+    """Attacks' per-pass progress calls: one bar per pass for a cell crafted alone, one bar of passes for cells
+    crafted side by side."""
 
-    def __init__(self, settings: AttackSettings, progress: Progress):
-        self.key, self.max_iter, self.progress = settings.key, settings.max_iter, progress
-        self.rate_name = "flip rate" if settings.target is None else "R_s"
+    def __init__(self, cells: Sequence[AttackSettings], progress: Progress):
+        self.cells, self.progress = cells, progress
+        self.passes = 0
+        if len(cells) > 1:
+            progress.start(self._group_label(), sum(s.max_iter for s in cells))
 
-    def __call__(self, pass_no: int, done: int, total: int, rate: float | None) -> None:
-        label = f"{self.key} pass {pass_no}/{self.max_iter}"
-        if done == 0 and rate is None:
-            self.progress.start(label, total)
-        elif rate is None:
-            self.progress.update(done)
-        else:
-            self.progress.update(total, f"{label}: {self.rate_name} {rate:.1%}")
+    def _group_label(self) -> str:
+        norm = self.cells[0].norm
+        return f"crafting {len(self.cells)} cells side by side (L{'∞' if norm == 'inf' else norm})"
+
+    def of(self, k: int):
+        settings = self.cells[k]
+        rate_name = "flip rate" if settings.target is None else "R_s"
+
+        def on_pass(pass_no: int, done: int, total: int, rate: float | None) -> None:
+            if len(self.cells) > 1:
+                if rate is not None:
+                    self.passes += 1
+                    self.progress.update(self.passes, f"{self._group_label()}: {settings.key} pass {pass_no}: "
+                                                      f"{rate_name} {rate:.1%}")
+                return
+            label = f"{settings.key} pass {pass_no}/{settings.max_iter}"
+            if done == 0 and rate is None:
+                self.progress.start(label, total)
+            elif rate is None:
+                self.progress.update(done)
+            else:
+                self.progress.update(total, f"{label}: {rate_name} {rate:.1%}")
+                self.progress.done()
+
+        return on_pass
+
+    def finish(self) -> None:
+        if len(self.cells) > 1:
             self.progress.done()
+
+
+def side_by_side_groups(cells: Sequence[AttackSettings], most: int | None = None) -> list[list[AttackSettings]]:
+    """Cells that can be crafted side by side (same norms of budget and step, clip; not black-box), in groups of at
+    most `most` (default: all of them), in the order the cells come."""
+    groups: dict[object, list[list[AttackSettings]]] = {}
+    for k, settings in enumerate(cells):
+        key = groupable(settings)
+        runs = groups.setdefault(key if key is not None else ("alone", k), [[]])
+        if most is not None and len(runs[-1]) >= most:
+            runs.append([])
+        runs[-1].append(settings)
+    return [group for runs in groups.values() for group in runs]
 
 
 def _check_compatible(model: ModelAdapter, other: ModelAdapter) -> None:
@@ -502,7 +554,8 @@ def _data_info(cfg: DataConfig, spec: ModelSpec, dataset: Dataset, fmt: str, syn
         notice=PHANTOM_NOTICE if synthetic else "", warnings=list(prep.warnings))
 
 
-def _provenance(policy: Policy, policy_path: str, command: str, started, finished, seconds) -> Provenance:
+def _provenance(policy: Policy, policy_path: str, command: str, started, finished, seconds,
+                phases: dict[str, float]) -> Provenance:
     import numpy
     import onnxruntime
     import tensorflow as tf
@@ -512,7 +565,8 @@ def _provenance(policy: Policy, policy_path: str, command: str, started, finishe
         onnxruntime=onnxruntime.__version__, numpy=numpy.__version__, platform=platform.platform(),
         command=command, seed=policy.seed, policy_path=policy_path, policy_sha256=policy.sha256(),
         policy=policy.model_dump(mode="json"), started=started.isoformat(timespec="seconds"),
-        finished=finished.isoformat(timespec="seconds"), seconds=round(seconds, 3))
+        finished=finished.isoformat(timespec="seconds"), seconds=round(seconds, 3),
+        phases={phase: round(t, 3) for phase, t in phases.items()})
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:

@@ -263,8 +263,9 @@ def run(
                                          "also evaluated on it, with a parity check against --model."),
     transfer: Optional[list[str]] = typer.Option(None, "--transfer", help="Another model to evaluate every UAP "
                                                  "on (repeatable): a transferability matrix."),
-    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Cells crafted at a time (default: one "
-                                       "per CPU core); the results do not depend on it."),
+    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Most cells crafted side by side "
+                                       "(default: every cell that shares norms and clip); the results do not "
+                                       "depend on it."),
     sign: Optional[Path] = typer.Option(None, "--sign", help="Ed25519 private key (auditkit keygen): sign "
                                         "evidence.json as a DSSE envelope."),
     sbom: bool = typer.Option(False, "--sbom", help="Also write sbom.cdx.json, a CycloneDX SBOM of the audit "
@@ -279,7 +280,7 @@ def run(
                                              "(e.g. the CI run's artefacts) instead of the report's path."),
     allow_inconclusive: bool = typer.Option(False, "--allow-inconclusive", help="Exit 0 on an INCONCLUSIVE "
                                             "verdict (research runs; never for a release gate)."),
-    executor: str = typer.Option("local", "--executor", help="local: cells run here (--jobs at a time); ray: one "
+    executor: str = typer.Option("local", "--executor", help="local: cells run here, side by side; ray: one "
                                  "Ray task per cell (pip install \"auditkit[ray]\"); the same results."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="The Ray cluster to join (default: "
                                               "RAY_ADDRESS, else a Ray started on this machine)."),

@@ -257,6 +257,9 @@ class Provenance:
     started: str
     finished: str
     seconds: float
+    # wall seconds per phase: clean predictions, crafting, evaluation (UAPs), controls (random draws); the
+    # crafting of reachability checks and sweeps included
+    phases: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-TIMES = ("started", "finished", "seconds", "command")
+TIMES = ("started", "finished", "seconds", "command", "phases")
 
 
 def checkpoints(resume: Path) -> int:

@@ -39,9 +39,8 @@ from auditkit.errors import AuditkitError  # noqa: E402
 from auditkit.models import load_model  # noqa: E402
 from auditkit.models.base import cross_entropy_gradient  # noqa: E402
 from auditkit.models.tf_runtime import GraphFunction, configure_tensorflow  # noqa: E402
-from auditkit.uap.backends import fooled, loop_ops  # noqa: E402
+from auditkit.uap.backends import Call, Cell, loop_ops, side_by_side, statuses  # noqa: E402
 from auditkit.uap.base import AttackSettings, SGDSettings  # noqa: E402
-from auditkit.uap.criteria import Nontargeted  # noqa: E402
 from auditkit.uap.geometry import perturb, xi_for  # noqa: E402
 from auditkit.uap.paper import PaperUAP  # noqa: E402
 from auditkit.uap.sgd import SGDUAP  # noqa: E402
@@ -180,13 +179,13 @@ def main(argv=None) -> None:
         return result, time.perf_counter() - start
 
     # every compiled loop op traced before any timing (a short warm-up run need not reach them all)
-    loop = loop_ops(adapter, "inf", True, Nontargeted(), "inf")
-    w, rho0, f32 = loop.hold(craft[:4], np.zeros(4, np.int32)), np.zeros(craft.shape[1:], np.float32), np.float32
-    some = np.arange(1, 4, dtype=np.int32)
-    loop.walk(*w, some, np.zeros(len(some), bool), rho0, f32(xi), f32(args.eps))
-    loop.fooled_batch(*w, some, rho0), loop.accepted_batch(*w, some, rho0, f32(args.eps))
-    loop.scan(*w, some, rho0, f32(args.eps), np.int32(2))
-    loop.sgd_step(*w, some, rho0, rho0, f32(xi), f32(xi), f32(3), f32(0.9))
+    loop = loop_ops(adapter, "inf", True, "inf")
+    w, rho0 = loop.hold(craft[:4], np.zeros(4, np.int32)), np.zeros(craft.shape[1:], np.float32)
+    some, cell = np.arange(1, 4, dtype=np.int32), Cell(xi=xi, eps=args.eps, target=-1, loss_cap=3.0, momentum=0.9)
+    for call in (Call("walk", cell, some, rho0, skip=np.zeros(len(some), bool)), Call("fooled", cell, some, rho0),
+                 Call("accepted", cell, some, rho0), Call("scan", cell, some, rho0, probe=2),
+                 Call("sgd", cell, some, rho0, velocity=rho0, alpha=xi)):
+        loop.run(call.op, *w, [call])
 
     def art_run(images=craft, passes=args.passes):
         return art_uap(model, images, xi=xi, eps=args.eps, max_iter=passes, clip=True, seed=args.seed)
@@ -249,7 +248,8 @@ def main(argv=None) -> None:
         [tf.TensorSpec([None, *craft.shape[1:]], tf.float32), tf.TensorSpec([None], tf.int32),
          tf.TensorSpec([None], tf.int32)])
     everyone = np.arange(n, dtype=np.int32)
-    t_forward = statistics.median(timed(lambda: fooled(loop, *held, everyone, rho0)) for _ in range(3))
+    t_forward = statistics.median(timed(lambda: side_by_side(loop, held, [statuses(cell, everyone, rho0)]))
+                                  for _ in range(3))
     t_grad = statistics.median(timed(lambda i=i: gradient(*held, everyone[i : i + 1]).numpy())
                                for i in range(min(n, 30)))
     batch = everyone[: min(n, 64)]

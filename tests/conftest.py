@@ -111,7 +111,7 @@ def json_without_times(path: Path) -> dict:
 
     data = json.loads(path.read_text())
     prov = data["provenance"]
-    for k in ("started", "finished", "seconds", "command"):
+    for k in ("started", "finished", "seconds", "command", "phases"):
         prov.pop(k)
     for cell in data["cells"]:
         cell.pop("seconds")

@@ -190,32 +190,35 @@ def test_a_walk_through_several_images_equals_one_call_per_image(tiny_model, pha
     the plain loop visits one image a call: rho and every verdict must be the same, bit for bit."""
     from auditkit.data import Preprocess, load_dataset
     from auditkit.models import load_model
-    from auditkit.uap.backends import loop_ops
-    from auditkit.uap.criteria import Nontargeted
+    from auditkit.uap.backends import Call, Cell, loop_ops
 
     adapter = load_model(str(tiny_model))
     X = load_dataset(phantom_manifest, adapter.classes, preprocess=Preprocess(size=adapter.spec.input_size),
                      cache_dir=False).subset("train").floats()
     y = adapter.predict(X).astype(np.int32)
-    loop = loop_ops(adapter, norm, True, Nontargeted(), "inf")
+    loop = loop_ops(adapter, norm, True, "inf")
     held = loop.hold(X, y)
     xi, _ = xi_for(X, norm, 0.1)
-    xi, eps = np.float32(xi), np.float32(0.05 if norm == "inf" else 1.0)
+    eps = 0.05 if norm == "inf" else 1.0
+    cell = Cell(xi=xi, eps=eps, target=-1, loss_cap=0.0, momentum=0.0)
     rng = np.random.default_rng(0)
-    uap = PaperUAP(attack_settings(norm, zeta=0.1, eps=float(eps), max_iter=3)).craft(adapter, X, float(xi), rng).rho
+    uap = PaperUAP(attack_settings(norm, zeta=0.1, eps=eps, max_iter=3)).craft(adapter, X, xi, rng).rho
+
+    def run(op, idx, rho, **call):
+        return loop.run(op, *held, [Call(op, cell, np.int32(idx), rho, **call)])[0]
     everyone = np.arange(len(X), dtype=np.int32)
     accepted = skipped = revisited = 0
     for _ in range(40):  # rho between zero and a UAP: some images fooled, some not
-        noise = project(rng.uniform(-1, 1, X.shape[1:]).astype(np.float32), norm, 0.2 * float(xi))
-        rho = project((0.4 + 0.6 * rng.random()) * uap + noise, norm, float(xi))
-        fooled = np.asarray(loop.fooled_batch(*held, everyone, rho))
+        noise = project(rng.uniform(-1, 1, X.shape[1:]).astype(np.float32), norm, 0.2 * xi)
+        rho = project((0.4 + 0.6 * rng.random()) * uap + noise, norm, xi)
+        fooled = run("fooled", everyone, rho)
         if fooled.all() or not fooled.any():
             continue
         # first an unfooled image whose step is accepted, then images fooled before that step but not after it:
         # known fooled when the walk starts, they must be visited again once rho moved
         def unfooled_by(first):
-            moved = loop.walk(*held, np.int32([first]), np.zeros(1, bool), rho, xi, eps)[0]
-            return np.flatnonzero(fooled & ~np.asarray(loop.fooled_batch(*held, everyone, moved)))
+            moved = run("walk", [first], rho, skip=np.zeros(1, bool))[0]
+            return np.flatnonzero(fooled & ~run("fooled", everyone, moved))
 
         first = max(rng.permutation(np.flatnonzero(~fooled))[:5], key=lambda j: len(unfooled_by(j)))
         unfooled_by_it = unfooled_by(first)
@@ -223,12 +226,12 @@ def test_a_walk_through_several_images_equals_one_call_per_image(tiny_model, pha
                                rng.choice(unfooled_by_it, min(3, len(unfooled_by_it)), replace=False),
                                rng.integers(len(X), size=int(rng.integers(0, 4)))]).astype(np.int32)
         skip = fooled[walk] & (rng.random(len(walk)) < 0.8)  # known fooled, said or not
-        walked = [np.asarray(t) for t in loop.walk(*held, walk, skip, rho, xi, eps)]
+        walked = run("walk", walk, rho, skip=skip)
         verdicts = []
         for j in walk:
-            rho, was_fooled, step_accepted = loop.walk(*held, j[None], np.zeros(1, bool), rho, xi, eps)
+            rho, was_fooled, step_accepted = run("walk", j[None], rho, skip=np.zeros(1, bool))
             verdicts.append((bool(was_fooled[0]), bool(step_accepted[0])))
-        np.testing.assert_array_equal(walked[0], np.asarray(rho))
+        np.testing.assert_array_equal(walked[0], rho)
         assert list(zip(walked[1].tolist(), walked[2].tolist())) == verdicts
         first_move = int(np.argmax(walked[2])) if walked[2].any() else len(walk)
         accepted += int(walked[2].sum())
@@ -242,8 +245,7 @@ def test_the_loop_follows_weights_changed_in_place(tiny_model, phantom_manifest)
     trains them) must reach it."""
     from auditkit.data import Preprocess, load_dataset
     from auditkit.models import load_model
-    from auditkit.uap.backends import fooled, loop_ops
-    from auditkit.uap.criteria import Nontargeted
+    from auditkit.uap.backends import Call, Cell, loop_ops
 
     adapter = load_model(str(tiny_model))
     X = load_dataset(phantom_manifest, adapter.classes, preprocess=Preprocess(size=adapter.spec.input_size),
@@ -251,57 +253,58 @@ def test_the_loop_follows_weights_changed_in_place(tiny_model, phantom_manifest)
     labels = adapter.predict(X).astype(np.int32)
     zero = np.zeros(X.shape[1:], np.float32)
     everyone = np.arange(len(X), dtype=np.int32)
-    before = loop_ops(adapter, "inf", True, Nontargeted(), "inf")
-    assert not fooled(before, *before.hold(X, labels), everyone, zero).any()
+    cell = Cell(xi=0.1, eps=0.01, target=-1, loss_cap=0.0, momentum=0.0)
+
+    def fooled(loop):
+        return loop.run("fooled", *loop.hold(X, labels), [Call("fooled", cell, everyone, zero)])[0]
+
+    before = loop_ops(adapter, "inf", True, "inf")
+    assert not fooled(before).any()
 
     last = adapter.model.layers[-1]
     kernel, bias = last.get_weights()
     target = int(np.argmin(np.bincount(labels, minlength=len(bias))))  # a class few images are predicted as
     bias[target] += 100.0
     last.set_weights([kernel, bias])
-    after = loop_ops(adapter, "inf", True, Nontargeted(), "inf")
+    after = loop_ops(adapter, "inf", True, "inf")
     assert after is not before
-    flipped = fooled(after, *after.hold(X, labels), everyone, zero)
+    flipped = fooled(after)
     np.testing.assert_array_equal(flipped, adapter.predict(X) != labels)
     assert flipped.mean() > 0.5
 
 
-def test_concurrent_crafts_on_one_set_share_one_held_copy(tiny_model, phantom_manifest, monkeypatch):
-    """An audit crafts several cells at a time on one crafting set: the loop's tensor copy of the set is made once
-    for the crafts that overlap, and dropped when the last one ends."""
-    import threading
-
+@pytest.mark.parametrize("norm", ["inf", "2"])
+def test_cells_crafted_side_by_side_equal_each_cell_crafted_alone(tiny_model, phantom_manifest, norm, monkeypatch):
+    """Cells sharing norms and clip advance together, one graph call stepping an image of each (nontargeted and
+    targeted, paper and SGD, different budgets and steps side by side): every UAP, rate and step count equals the
+    cell's crafted alone, byte for byte, and the crafting set is held once for the group."""
     from auditkit.data import Preprocess, load_dataset
     from auditkit.models import load_model
-    from auditkit.uap import backends
+    from auditkit.uap.backends import craft_side_by_side
     from auditkit.uap.backends.tf import TFLoop
+    from auditkit.uap.sgd import SGDUAP
 
     adapter = load_model(str(tiny_model))
     X = load_dataset(phantom_manifest, adapter.classes, preprocess=Preprocess(size=adapter.spec.input_size),
                      cache_dir=False).subset("train").floats()
-    xi, _ = xi_for(X, "inf", 0.1)
-    copies = []
+    eps = 0.05 if norm == "inf" else 1.0
+    cells = [PaperUAP(attack_settings(norm, zeta=0.1, eps=eps, max_iter=4)),
+             PaperUAP(attack_settings(norm, adapter.classes[1], zeta=0.2, eps=eps, max_iter=4)),
+             PaperUAP(attack_settings(norm, zeta=0.15, eps=eps * 0.8, max_iter=3), speculative=False),
+             SGDUAP(attack_settings(norm, adapter.classes[2], zeta=0.1, algorithm="sgd", max_iter=2))]
+    budgets = [xi_for(X, norm, attack.settings.zeta)[0] for attack in cells]
+    alone = [attack.craft(adapter, X, xi, np.random.default_rng(k)) for k, (attack, xi) in enumerate(zip(cells,
+                                                                                                           budgets))]
+    held = []
     hold = TFLoop.hold
-
-    def counted_hold(self, *arrays):
-        copies.extend(a for a in arrays if np.ndim(a) == 3)  # image sets, not labels or scalars
-        return hold(self, *arrays)
-
-    monkeypatch.setattr(TFLoop, "hold", counted_hold)
-    results = {}
-
-    def craft(name, progress=None):
-        attack = PaperUAP(attack_settings("inf", zeta=0.1, eps=0.05, max_iter=2), progress)
-        results[name] = attack.craft(adapter, X, xi, np.random.default_rng(0)).rho
-
-    def start_the_other(pass_no, done, n, rate):  # the second craft runs entirely inside the first one
-        if "inner" not in results and rate is None:
-            inner = threading.Thread(target=craft, args=("inner",))
-            inner.start()
-            inner.join()
-
-    craft("outer", start_the_other)
-    assert len(copies) == 1 and not backends._HELD._held
-    np.testing.assert_array_equal(results["inner"], results["outer"])
-    craft("later")
-    assert len(copies) == 2 and not backends._HELD._held
+    monkeypatch.setattr(TFLoop, "hold", lambda self, *arrays: held.append(len(arrays)) or hold(self, *arrays))
+    together = craft_side_by_side(adapter, X, [(attack, xi, np.random.default_rng(k))
+                                               for k, (attack, xi) in enumerate(zip(cells, budgets))])
+    assert held == [2]  # images and clean labels, once for the four cells
+    for a, b in zip(alone, together):
+        assert a.rho.tobytes() == b.rho.tobytes() and a.rates == b.rates and a.steps == b.steps
+    assert len({r.rho.tobytes() for r in together}) == 4 and all(np.abs(r.rho).max() > 0 for r in together)
+    with pytest.raises(ValueError, match="side by side"):
+        craft_side_by_side(adapter, X, [(cells[0], budgets[0], np.random.default_rng(0)),
+                                        (PaperUAP(attack_settings("2" if norm == "inf" else "inf", zeta=0.1)),
+                                         budgets[0], np.random.default_rng(0))])

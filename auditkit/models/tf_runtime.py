@@ -20,10 +20,8 @@ from typing import Any
 
 def configure_tensorflow() -> Any:
     """Import TF once, with threading chosen for a small CPU: all cores inside an op (AUDITKIT_THREADS caps them),
-    and as many ops at a time as there are cores, so that the audit's concurrent cells run side by side.
-
-    One UAP loop is a chain of small dependent ops that keeps two cores only half busy; two cells at a time
-    crafted 1.4x faster than one after the other on a 2-core machine, with the same UAPs.
+    and as many ops at a time as there are cores, so that the cells of one side-by-side loop call run at once (one
+    UAP loop is a chain of small dependent ops that keeps two cores only half busy).
     TF's oneDNN kernels are off unless TF_ENABLE_ONEDNN_OPTS says otherwise (it must be set before TF is first
     imported): their per-op overhead made a single-image UAP step at 224 px 2.9x slower, while batched calls and
     training ran at the same speed.

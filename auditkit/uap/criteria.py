@@ -40,6 +40,12 @@ class Targeted:
 Criterion = Nontargeted | Targeted
 
 
+def succeeded_for(target, pred, labels):
+    """The criterion of a cell given by `target` (the target's index, -1 for a nontargeted attack), for loops that
+    craft several cells at once: `labels` are the target (targeted) or the clean predictions (nontargeted)."""
+    return (pred == labels) == (target >= 0)
+
+
 def criterion_for(settings: AttackSettings, classes: Sequence[str]) -> Criterion:
     """The criterion a cell's settings name, the target looked up among the model's classes."""
     return Nontargeted() if settings.target is None else Targeted(list(classes).index(settings.target))

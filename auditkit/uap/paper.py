@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backends import LoopAttack, LoopOps, fooled
+from .backends import Call, Cell, Crafting, LoopAttack, statuses
 from .base import AttackSettings, CraftResult, ProgressFn
 
 MAX_WINDOW = 256  # speculative look-ahead, images per batched check
@@ -68,10 +68,8 @@ class PaperUAP(LoopAttack):
         super().__init__(settings, progress)
         self.speculative, self.stop_at_fixed_point, self.probe_batch = speculative, stop_at_fixed_point, probe_batch
 
-    def _craft(self, loop: LoopOps, held: tuple, n: int, rho, budget: float, rng: np.random.Generator,
-               ) -> CraftResult:
+    def crafting(self, cell: Cell, n: int, rho: np.ndarray, rng: np.random.Generator) -> Crafting:
         s = self.settings
-        xi, eps = loop.hold(np.float32(budget), np.float32(s.eps))
         rates: list[float] = []
         visited = steps = 0
         start = time.perf_counter()
@@ -81,12 +79,12 @@ class PaperUAP(LoopAttack):
         ahead = _LookAhead()
         for pass_no in range(1, s.max_iter + 1):
             if self.speculative and pass_no == 1:
-                self._complete(loop, held, rho, status, valid)
+                yield from self._complete(cell, rho, status, valid)
             order = rng.permutation(n).astype(np.int32)
-            rho, pass_steps, moved = self._one_pass(loop, held, order, rho, xi, eps, pass_no, status, valid, ahead)
+            rho, pass_steps, moved = yield from self._one_pass(cell, order, rho, pass_no, status, valid, ahead)
             steps += pass_steps
             visited += n
-            self._complete(loop, held, rho, status, valid)
+            yield from self._complete(cell, rho, status, valid)
             rate = float(status.mean()) if n else 0.0
             rates.append(rate)
             if self.progress:
@@ -97,14 +95,14 @@ class PaperUAP(LoopAttack):
                 break
         return CraftResult(rho, len(rates), rates, visited, steps, time.perf_counter() - start)
 
-    def _complete(self, loop, held, rho, status, valid) -> None:
+    def _complete(self, cell, rho, status, valid):
         """Batched statuses under rho for every image whose status is not known (all, for the plain loop)."""
         todo = (np.flatnonzero(~valid) if self.speculative else np.arange(len(status))).astype(np.int32)
         if len(todo):
-            status[todo] = fooled(loop, *held, todo, rho)
+            status[todo] = yield from statuses(cell, todo, rho)
         valid[:] = self.speculative
 
-    def _one_pass(self, loop: LoopOps, held, order, rho, xi, eps, pass_no, status, valid, ahead):
+    def _one_pass(self, cell: Cell, order, rho, pass_no, status, valid, ahead):
         """One pass over `order`: (rho, gradient steps, whether any step was accepted). Speculative: look-ahead
         checks fill `status` where not `valid`; an accepted step (rho moves) invalidates every status."""
         n, i, steps, shown, moved = len(order), 0, 0, -1, False
@@ -120,12 +118,11 @@ class PaperUAP(LoopAttack):
                 if run:
                     idx = order[i : i + run]
                     candidates = np.flatnonzero(~status[idx])[:probe]
-                    accepted = (np.asarray(loop.accepted_batch(*held, idx[candidates], rho, eps)) if len(candidates)
+                    accepted = (np.asarray((yield Call("accepted", cell, idx[candidates], rho))) if len(candidates)
                                 else None)
                 else:
                     idx = order[i : i + ahead.window(probe)]
-                    is_fooled, candidates, accepted = (np.asarray(t) for t in loop.scan(*held, idx, rho, eps,
-                                                                                    np.int32(probe)))
+                    is_fooled, candidates, accepted = yield Call("scan", cell, idx, rho, probe=probe)
                     status[idx], valid[idx] = is_fooled, True
                     ahead.checked(len(idx), len(idx) - int(is_fooled.sum()))
                 if not len(candidates):
@@ -146,8 +143,7 @@ class PaperUAP(LoopAttack):
             if skip.all():
                 i += len(walk)
                 continue
-            rho, was_fooled, accepted_here = loop.walk(*held, walk, skip, rho, xi, eps)
-            was_fooled, accepted_here = np.asarray(was_fooled), np.asarray(accepted_here)
+            rho, was_fooled, accepted_here = yield Call("walk", cell, walk, rho, skip=skip)
             unfooled = len(walk) - int(was_fooled.sum())
             steps += unfooled
             moved = moved or bool(accepted_here.any())
@@ -161,5 +157,3 @@ class PaperUAP(LoopAttack):
                 status[walk[after:]], valid[walk[after:]] = was_fooled[after:], True
             i += len(walk)
         return np.asarray(rho, np.float32), steps, moved
-
-

@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 
-from .backends import LoopAttack, LoopOps
+from .backends import Call, Cell, Crafting, LoopAttack
 from .base import CraftResult
 
 
@@ -18,11 +18,9 @@ class SGDUAP(LoopAttack):
     before its own step (the audit evaluates the final UAP on every split anyway).
     """
 
-    def _craft(self, loop: LoopOps, held: tuple, n: int, rho, budget: float, rng: np.random.Generator,
-               ) -> CraftResult:
+    def crafting(self, cell: Cell, n: int, rho: np.ndarray, rng: np.random.Generator) -> Crafting:
         s, sgd = self.settings, self.settings.sgd
-        total = s.max_iter * -(-n // sgd.batch_size)
-        xi, cap, momentum = loop.hold(np.float32(budget), np.float32(sgd.loss_cap), np.float32(sgd.momentum))
+        total, budget = s.max_iter * -(-n // sgd.batch_size), cell.xi
         velocity = np.zeros_like(rho)
         rates: list[float] = []
         start, t = time.perf_counter(), 0
@@ -33,8 +31,7 @@ class SGDUAP(LoopAttack):
                     self.progress(epoch, 0, n, None)
                 idx = order[b : b + sgd.batch_size]
                 alpha = sgd.step_size * budget * (0.01 + 0.99 * 0.5 * (1 + np.cos(np.pi * t / total)))
-                rho, velocity, was_fooled = loop.sgd_step(*held, idx, rho, velocity, np.float32(alpha), xi, cap,
-                                                          momentum)
+                rho, velocity, was_fooled = yield Call("sgd", cell, idx, rho, velocity=velocity, alpha=alpha)
                 fooled += int(np.sum(was_fooled))
                 t += 1
             rate = fooled / n if n else 0.0
