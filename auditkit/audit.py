@@ -218,33 +218,43 @@ class AuditRun:
     def _run_here(self, cells: Sequence[AttackSettings], progress: Progress,
                   finished: Callable[[CellResult], None], jobs: int | None) -> list[CellResult]:
         """Cells in this process, crafted side by side in groups of at most `jobs` (default: every cell that can)."""
-        results = []
-        for group in side_by_side_groups(cells, jobs):
-            for result in self.run_group(group, progress):
-                finished(result)
-                results.append(result)
-        return results
+        return [result for group in side_by_side_groups(cells, jobs)
+                for result in self.run_group(group, progress, finished)]
 
     def _craft(self, cells: Sequence[AttackSettings], progress: Progress | None = None, purpose: str = "",
+               crafted: Callable[[int, tuple], None] | None = None,
                ) -> list[tuple[CraftResult, float, float, np.random.Generator]]:
         """UAPs crafted side by side, each from its cell's seeded stream (+ `purpose`): per cell (result, xi, mean
-        image norm, the stream left to draw from)."""
-        start = time.perf_counter()
+        image norm, the stream left to draw from), also handed to `crafted` with the cell's position as soon as
+        that cell's crafting ends (its time is not billed to crafting)."""
+        start, elsewhere = time.perf_counter(), 0.0
         streams = [settings.stream(self.seed, purpose) for settings in cells]
         budgets = [xi_for(self.craft.images, settings.norm, settings.zeta) for settings in cells]
         shown = progress and _PassProgress(cells, progress)
         attacks = [make_attack(settings, shown and shown.of(k)) for k, settings in enumerate(cells)]
+
+        def done(k: int, result: CraftResult) -> None:
+            nonlocal elsewhere
+            began = time.perf_counter()
+            if shown:
+                shown.finished += 1
+            if crafted is not None:
+                crafted(k, (result, *budgets[k], streams[k]))
+            elsewhere += time.perf_counter() - began
+
         if len(cells) == 1:
-            crafted = [attacks[0].craft(self.crafter, self.craft.images, budgets[0][0], streams[0],
+            results = [attacks[0].craft(self.crafter, self.craft.images, budgets[0][0], streams[0],
                                         clean_pred=self.craft.clean_pred)]
+            self._timed("crafting", start)
+            done(0, results[0])
         else:
-            crafted = craft_side_by_side(self.crafter, self.craft.images,
+            results = craft_side_by_side(self.crafter, self.craft.images,
                                          [(a, xi, rng) for a, (xi, _), rng in zip(attacks, budgets, streams)],
-                                         clean_pred=self.craft.clean_pred)
-        if shown:
-            shown.finish()
-        self._timed("crafting", start)
-        return [(c, xi, mean_norm, rng) for c, (xi, mean_norm), rng in zip(crafted, budgets, streams)]
+                                         clean_pred=self.craft.clean_pred, finished=done)
+            if shown:
+                shown.done()
+            self.phases["crafting"] = self.phases.get("crafting", 0.0) + time.perf_counter() - start - elsewhere
+        return [(c, xi, mean_norm, rng) for c, (xi, mean_norm), rng in zip(results, budgets, streams)]
 
     def _timed(self, phase: str, start: float) -> None:
         self.phases[phase] = self.phases.get(phase, 0.0) + time.perf_counter() - start
@@ -253,27 +263,40 @@ class AuditRun:
         """Craft one UAP from the cell's seeded stream, save it, evaluate it and its random controls."""
         return self.run_group([settings], progress)[0]
 
-    def run_group(self, cells: Sequence[AttackSettings], progress: Progress) -> list[CellResult]:
-        """Cells crafted side by side (see side_by_side_groups), then each one's UAP saved and evaluated with its
-        random controls."""
-        results = []
-        for settings, (crafted, xi, mean_norm, rng) in zip(cells, self._craft(cells, progress)):
-            rho = crafted.rho
-            uap_file = f"uaps/{settings.key}.npy"
-            _save_npy(self.out_dir / uap_file, rho)
-            evals, controls, p_values = self._evaluate(settings, rho, xi, rng, progress)
-            start = time.perf_counter()
-            result = CellResult(
-                key=settings.key, attack=settings, xi=xi, mean_image_norm=mean_norm, seed=self.seed,
-                uap_file=uap_file, uap_norm_l2=float(np.linalg.norm(rho)), uap_norm_linf=float(np.abs(rho).max()),
-                passes=crafted.passes, crafting_rates=crafted.rates, visited=crafted.visited,
-                gradient_steps=crafted.steps, seconds=crafted.seconds, queries=crafted.queries,
-                evals=evals, controls=controls, examples=self._examples(settings, rho),
-                strength=strength_of(settings, rho, xi, crafted.rates, p_values, self.alpha))
-            result.transfer = {name: self._transfer_evals(settings, rho, m) for name, m in self.others.items()}
-            self._timed("evaluation", start)
-            results.append(result)
-        return results
+    def run_group(self, cells: Sequence[AttackSettings], progress: Progress,
+                  finished: Callable[[CellResult], None] | None = None) -> list[CellResult]:
+        """Cells crafted side by side (see side_by_side_groups); each one's UAP saved, evaluated with its random
+        controls and handed to `finished` as soon as its crafting ends, while the others craft on."""
+        results: list[CellResult] = []
+        shown = progress if len(cells) == 1 else SilentProgress()  # the group's bar stays on while cells finish
+
+        def evaluated(k: int, craft: tuple) -> None:
+            results.append(self._cell_result(cells[k], *craft, shown))
+            if finished is not None:
+                finished(results[-1])
+
+        self._craft(cells, progress, crafted=evaluated)
+        order = {settings.key: k for k, settings in enumerate(cells)}
+        return sorted(results, key=lambda result: order[result.key])
+
+    def _cell_result(self, settings: AttackSettings, crafted: CraftResult, xi: float, mean_norm: float,
+                     rng: np.random.Generator, progress: Progress) -> CellResult:
+        """A crafted cell's UAP saved, then evaluated with its random controls (drawn from `rng`)."""
+        rho = crafted.rho
+        uap_file = f"uaps/{settings.key}.npy"
+        _save_npy(self.out_dir / uap_file, rho)
+        evals, controls, p_values = self._evaluate(settings, rho, xi, rng, progress)
+        start = time.perf_counter()
+        result = CellResult(
+            key=settings.key, attack=settings, xi=xi, mean_image_norm=mean_norm, seed=self.seed, uap_file=uap_file,
+            uap_norm_l2=float(np.linalg.norm(rho)), uap_norm_linf=float(np.abs(rho).max()),
+            passes=crafted.passes, crafting_rates=crafted.rates, visited=crafted.visited,
+            gradient_steps=crafted.steps, seconds=crafted.seconds, queries=crafted.queries,
+            evals=evals, controls=controls, examples=self._examples(settings, rho),
+            strength=strength_of(settings, rho, xi, crafted.rates, p_values, self.alpha))
+        result.transfer = {name: self._transfer_evals(settings, rho, m) for name, m in self.others.items()}
+        self._timed("evaluation", start)
+        return result
 
     def _target(self, settings: AttackSettings) -> int | None:
         return None if settings.target is None else self.classes.index(settings.target)
@@ -392,13 +415,14 @@ class _PassProgress:
 
     def __init__(self, cells: Sequence[AttackSettings], progress: Progress):
         self.cells, self.progress = cells, progress
-        self.passes = 0
+        self.passes = self.finished = 0  # passes over, cells whose crafting ended
         if len(cells) > 1:
             progress.start(self._group_label(), sum(s.max_iter for s in cells))
 
     def _group_label(self) -> str:
         norm = self.cells[0].norm
-        return f"crafting {len(self.cells)} cells side by side (L{'∞' if norm == 'inf' else norm})"
+        return (f"crafting {len(self.cells)} cells side by side (L{'∞' if norm == 'inf' else norm}), "
+                f"{self.finished} done")
 
     def of(self, k: int):
         settings = self.cells[k]
@@ -422,9 +446,9 @@ class _PassProgress:
 
         return on_pass
 
-    def finish(self) -> None:
-        if len(self.cells) > 1:
-            self.progress.done()
+    def done(self) -> None:
+        self.progress.update(self.passes, self._group_label())
+        self.progress.done()
 
 
 def side_by_side_groups(cells: Sequence[AttackSettings], most: int | None = None) -> list[list[AttackSettings]]:

@@ -3,7 +3,7 @@
 A bar redraws itself with carriage returns, which a log file keeps as one endless line or, off a terminal, not at
 all: a long audit then looks hung. The first line comes only after the first 10 s, so a run that fails early
 prints its one error line and nothing else. With `heartbeat`, a line also comes every 10 s while a step reports
-nothing (a grid of cells crafted side by side reports only when a cell finishes).
+nothing (a long step may report seldom).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ class PlainProgress:
         self.write, self.every_s, self.clock = write, every_s, clock
         self.began = self.last = clock()
         self.label, self.total, self.completed, self.step_began = "", 0, 0, self.began
-        self.lock = threading.Lock()  # cells crafted side by side report from several threads
+        self.lock = threading.Lock()  # the heartbeat writes from its own thread
         self.stopped = threading.Event()
         if heartbeat:
             threading.Thread(target=self._beat, daemon=True).start()

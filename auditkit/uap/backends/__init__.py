@@ -12,7 +12,7 @@ have the same semantics, so the algorithms never ask which one they run on.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Generator, Literal, Protocol, Sequence
+from typing import Any, Callable, Generator, Literal, Protocol, Sequence
 
 import numpy as np
 
@@ -96,8 +96,10 @@ def statuses(cell: Cell, idx: np.ndarray, rho: np.ndarray) -> Generator[Call, An
     return np.concatenate(out) if out else np.zeros(0, bool)
 
 
-def side_by_side(loop: LoopOps, held: tuple, craftings: Sequence[Crafting]) -> list[CraftResult]:
-    """Advance every cell's crafting together; each round makes one call per operation asked for."""
+def side_by_side(loop: LoopOps, held: tuple, craftings: Sequence[Crafting],
+                 finished: Callable[[int, Any], None] | None = None) -> list[CraftResult]:
+    """Advance every cell's crafting together; each round makes one call per operation asked for. `finished` gets
+    each cell's position and result as soon as its crafting ends."""
     results: list[Any] = [None] * len(craftings)
     pending: dict[int, Call] = {}
 
@@ -107,6 +109,8 @@ def side_by_side(loop: LoopOps, held: tuple, craftings: Sequence[Crafting]) -> l
         except StopIteration as stop:
             results[k] = stop.value
             pending.pop(k, None)
+            if finished is not None:
+                finished(k, stop.value)
 
     for k in range(len(craftings)):
         advance(k, None)
@@ -129,8 +133,10 @@ def groupable(settings: AttackSettings) -> tuple | None:
 
 
 def craft_side_by_side(model: ModelAdapter, images: np.ndarray, crafts: Sequence[tuple[LoopAttack, float,
-                       np.random.Generator]], clean_pred: np.ndarray | None = None) -> list[CraftResult]:
-    """UAPs of several cells on one crafting set, each (attack, xi, rng) crafted as it would be alone."""
+                       np.random.Generator]], clean_pred: np.ndarray | None = None,
+                       finished: Callable[[int, CraftResult], None] | None = None) -> list[CraftResult]:
+    """UAPs of several cells on one crafting set, each (attack, xi, rng) crafted as it would be alone; `finished`
+    as in side_by_side."""
     keys = {groupable(attack.settings) for attack, _, _ in crafts}
     if len(keys) != 1 or None in keys:
         raise ValueError(f"cells crafted side by side must share norm, step_norm and clip, got {sorted(keys)}")
@@ -149,7 +155,7 @@ def craft_side_by_side(model: ModelAdapter, images: np.ndarray, crafts: Sequence
         cell = Cell(xi=check_budget(xi), eps=s.eps, target=criterion.target if criterion.targeted else -1,
                     loss_cap=s.sgd.loss_cap, momentum=s.sgd.momentum)
         craftings.append(attack.crafting(cell, len(images), zero, rng))
-    return side_by_side(loop, held, craftings)
+    return side_by_side(loop, held, craftings, finished)
 
 
 class LoopAttack:
