@@ -4,6 +4,7 @@ from __future__ import annotations
 import platform
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -155,7 +156,8 @@ class AuditRun:
     others: dict[str, ModelAdapter] = field(default_factory=dict)  # deployed twin and transfer targets, by name
     other_clean: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # their clean predictions
     reached: dict[AttackSettings, float] = field(default_factory=dict)  # reachability crafts done, by settings
-    phases: dict[str, float] = field(default_factory=dict)  # wall seconds spent in each phase of the audit
+    # wall seconds spent in each phase of the audit (evaluations overlap the crafting of cells side by side)
+    phases: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def prepare(cls, policy: Policy, model: ModelAdapter, dataset: Dataset, out_dir: Path, progress: Progress, *,
@@ -226,34 +228,29 @@ class AuditRun:
                ) -> list[tuple[CraftResult, float, float, np.random.Generator]]:
         """UAPs crafted side by side, each from its cell's seeded stream (+ `purpose`): per cell (result, xi, mean
         image norm, the stream left to draw from), also handed to `crafted` with the cell's position as soon as
-        that cell's crafting ends (its time is not billed to crafting)."""
-        start, elsewhere = time.perf_counter(), 0.0
+        that cell's crafting ends."""
+        start = time.perf_counter()
         streams = [settings.stream(self.seed, purpose) for settings in cells]
         budgets = [xi_for(self.craft.images, settings.norm, settings.zeta) for settings in cells]
         shown = progress and _PassProgress(cells, progress)
         attacks = [make_attack(settings, shown and shown.of(k)) for k, settings in enumerate(cells)]
 
         def done(k: int, result: CraftResult) -> None:
-            nonlocal elsewhere
-            began = time.perf_counter()
             if shown:
                 shown.finished += 1
             if crafted is not None:
                 crafted(k, (result, *budgets[k], streams[k]))
-            elsewhere += time.perf_counter() - began
 
         if len(cells) == 1:
             results = [attacks[0].craft(self.crafter, self.craft.images, budgets[0][0], streams[0],
                                         clean_pred=self.craft.clean_pred)]
-            self._timed("crafting", start)
-            done(0, results[0])
         else:
             results = craft_side_by_side(self.crafter, self.craft.images,
                                          [(a, xi, rng) for a, (xi, _), rng in zip(attacks, budgets, streams)],
                                          clean_pred=self.craft.clean_pred, finished=done)
             if shown:
                 shown.done()
-            self.phases["crafting"] = self.phases.get("crafting", 0.0) + time.perf_counter() - start - elsewhere
+        self._timed("crafting", start)
         return [(c, xi, mean_norm, rng) for c, (xi, mean_norm), rng in zip(results, budgets, streams)]
 
     def _timed(self, phase: str, start: float) -> None:
@@ -266,18 +263,30 @@ class AuditRun:
     def run_group(self, cells: Sequence[AttackSettings], progress: Progress,
                   finished: Callable[[CellResult], None] | None = None) -> list[CellResult]:
         """Cells crafted side by side (see side_by_side_groups); each one's UAP saved, evaluated with its random
-        controls and handed to `finished` as soon as its crafting ends, while the others craft on."""
-        results: list[CellResult] = []
-        shown = progress if len(cells) == 1 else SilentProgress()  # the group's bar stays on while cells finish
-
-        def evaluated(k: int, craft: tuple) -> None:
-            results.append(self._cell_result(cells[k], *craft, shown))
+        controls and handed to `finished` as soon as its crafting ends. Beside others, a cell is evaluated in a
+        second thread while the others craft on: evaluation is mostly numpy work (PSNR, SSIM) on one core, which the
+        crafting's graph calls leave free, and it does not change any UAP."""
+        if len(cells) == 1:
+            result = self._cell_result(cells[0], *self._craft(cells, progress)[0], progress)
             if finished is not None:
-                finished(results[-1])
+                finished(result)
+            return [result]
 
-        self._craft(cells, progress, crafted=evaluated)
-        order = {settings.key: k for k, settings in enumerate(cells)}
-        return sorted(results, key=lambda result: order[result.key])
+        def evaluate(k: int, craft: tuple) -> CellResult:
+            result = self._cell_result(cells[k], *craft, SilentProgress())  # the group's bar stays on
+            if finished is not None:
+                finished(result)
+            return result
+
+        evaluations: dict[int, Future] = {}
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            try:
+                self._craft(cells, progress, crafted=lambda k, craft: evaluations.update({k: pool.submit(evaluate, k,
+                                                                                                         craft)}))
+                return [evaluations[k].result() for k in range(len(cells))]
+            except BaseException:
+                pool.shutdown(cancel_futures=True)  # a failed or interrupted craft: no queued evaluation starts
+                raise
 
     def _cell_result(self, settings: AttackSettings, crafted: CraftResult, xi: float, mean_norm: float,
                      rng: np.random.Generator, progress: Progress) -> CellResult:

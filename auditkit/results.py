@@ -257,8 +257,8 @@ class Provenance:
     started: str
     finished: str
     seconds: float
-    # wall seconds per phase: clean predictions, crafting, evaluation (UAPs), controls (random draws); the
-    # crafting of reachability checks and sweeps included
+    # wall seconds per phase: clean predictions, crafting (reachability checks and sweeps included), evaluation
+    # (UAPs), controls (random draws); cells crafted side by side are evaluated while the others craft on
     phases: dict[str, float] = field(default_factory=dict)
 
 
