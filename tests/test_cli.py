@@ -132,7 +132,8 @@ def test_report_command_reproduces_the_html(passing_run, tmp_path):
 
 
 def test_same_inputs_give_the_same_uaps_and_json(passing_run, tiny_model, phantom_manifest):
-    """Also whatever the number of cells crafted at a time: the first run had one per core, this one runs one."""
+    """Also whatever the number of cells crafted side by side: the first run crafted its cells together, this one
+    crafts each alone."""
     d, _, _ = passing_run
     code, _ = run_cli("run", "--model", tiny_model, "--policy", d / "policy.yaml", "--data", phantom_manifest,
                       "--out", d / "again", "--formats", "json", "--jobs", "1")
