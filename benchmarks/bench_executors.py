@@ -24,10 +24,11 @@ REPO = Path(__file__).resolve().parents[1]
 STORE_BYTES = 200 * 1024**2
 
 
-def audit(args: list[str]) -> float:
+def audit(args: list[str], checkout: Path = REPO) -> float:
+    """Wall seconds of `auditkit ARGS` run from `checkout` (default: this one)."""
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "auditkit", *args], cwd=REPO, capture_output=True, text=True,
-                          env=os.environ | {"PYTHONPATH": str(REPO)})
+    proc = subprocess.run([sys.executable, "-m", "auditkit", *args], cwd=checkout, capture_output=True, text=True,
+                          env=os.environ | {"PYTHONPATH": str(checkout)})
     assert proc.returncode in (0, 1, 4), proc.stderr
     return time.perf_counter() - t0
 

@@ -11,25 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-from bench_resume import comparable  # this folder is on sys.path when the script runs
+from bench_executors import audit  # this folder is on sys.path when the script runs
+from bench_resume import comparable
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def audit(checkout: Path, args: list[str]) -> float:
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "auditkit", *args], cwd=checkout, capture_output=True, text=True,
-                          env=os.environ | {"PYTHONPATH": str(checkout)})
-    assert proc.returncode in (0, 1, 4), proc.stderr
-    return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -51,7 +40,7 @@ def main() -> None:
         print(f"{opts.policy} on {opts.model}; phases: busy s")
         for k, (name, checkout, extra) in enumerate(runs):
             out = work / str(k)
-            seconds = audit(checkout, base + extra + ["--out", str(out)])
+            seconds = audit(base + extra + ["--out", str(out)], checkout)
             phases = json.loads((out / "results.json").read_text())["provenance"].get("phases", {})
             shown = ", ".join(f"{p} {t:.1f}" for p, t in phases.items()) or "not recorded"
             line = f"{name}: wall {seconds:.1f} s; {shown}"
