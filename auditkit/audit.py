@@ -241,9 +241,10 @@ class AuditRun:
             if crafted is not None:
                 crafted(k, (result, *budgets[k], streams[k]))
 
-        if len(cells) == 1:
+        if len(cells) == 1:  # also an algorithm that crafts alone (black-box)
             results = [attacks[0].craft(self.crafter, self.craft.images, budgets[0][0], streams[0],
                                         clean_pred=self.craft.clean_pred)]
+            done(0, results[0])
         else:
             results = craft_side_by_side(self.crafter, self.craft.images,
                                          [(a, xi, rng) for a, (xi, _), rng in zip(attacks, budgets, streams)],

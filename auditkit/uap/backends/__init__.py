@@ -152,7 +152,7 @@ def craft_side_by_side(model: ModelAdapter, images: np.ndarray, crafts: Sequence
     for attack, xi, rng in crafts:
         s = attack.settings
         criterion = criterion_for(s, model.classes)
-        cell = Cell(xi=check_budget(xi), eps=s.eps, target=criterion.target if criterion.targeted else -1,
+        cell = Cell(xi=check_budget(xi), eps=s.eps, target=criterion.target,
                     loss_cap=s.sgd.loss_cap, momentum=s.sgd.momentum)
         craftings.append(attack.crafting(cell, len(images), zero, rng))
     return side_by_side(loop, held, craftings, finished)

@@ -5,7 +5,7 @@ import numpy as np
 
 from typing import Sequence
 
-from ..criteria import succeeded_for
+from ..criteria import compared_labels, succeeded_for
 from ..geometry import GRAD_NORM_FLOOR, project
 from . import Call, Cell
 
@@ -38,10 +38,6 @@ class ArrayLoop:
                                          f32(cell.loss_cap), f32(cell.momentum), cell))
         return out
 
-    @staticmethod
-    def _labels(labels, cell: Cell):
-        return np.full_like(labels, cell.target) if cell.target >= 0 else labels
-
     def _perturbed(self, x):
         return np.clip(x, np.float32(0), np.float32(1)) if self._clip else x
 
@@ -63,7 +59,7 @@ class ArrayLoop:
 
     def _one_step(self, images, labels, j, rho, xi, eps, cell: Cell):
         """Check, gradient, step, check, project for one visited image -> (rho, was unfooled, accepted)."""
-        x, y = images[j], int(self._labels(labels[j : j + 1], cell)[0])
+        x, y = images[j], int(compared_labels(cell.target, labels[j : j + 1])[0])
         xr = self._perturbed(x + rho)[None]
         if succeeded_for(cell.target, int(self._predict(xr)[0]), y):
             return rho, False, False
@@ -84,10 +80,10 @@ class ArrayLoop:
 
     def fooled(self, images, labels, idx, rho, cell: Cell) -> np.ndarray:
         pred = self._predict(self._perturbed(images[idx] + rho))
-        return np.asarray(succeeded_for(cell.target, pred, self._labels(labels[idx], cell)), bool)
+        return np.asarray(succeeded_for(cell.target, pred, compared_labels(cell.target, labels[idx])), bool)
 
     def accepted(self, images, labels, idx, rho, eps, cell: Cell) -> np.ndarray:
-        x, y = images[idx], self._labels(labels[idx], cell)
+        x, y = images[idx], compared_labels(cell.target, labels[idx])
         _, g = self._model.log_probs_and_gradient(self._perturbed(x + rho), np.asarray(y))
         x_adv = self._perturbed(x + (rho + self._step(eps, g, cell)))
         return np.asarray(succeeded_for(cell.target, self._predict(x_adv), y), bool)
@@ -100,7 +96,7 @@ class ArrayLoop:
         return is_fooled, candidates, accepted
 
     def sgd_step(self, images, labels, idx, rho, velocity, alpha, xi, loss_cap, momentum, cell: Cell):
-        x, y = images[idx], self._labels(labels[idx], cell)
+        x, y = images[idx], compared_labels(cell.target, labels[idx])
         v = x + rho
         log_probs, g = self._model.log_probs_and_gradient(self._perturbed(v), y)
         ce = -log_probs[np.arange(len(y)), y]
