@@ -69,7 +69,7 @@ def _stat_regular(file: str, where: str) -> os.stat_result:
 
 def read_inside(root: str, real: str, where: str) -> bytes:
     """The bytes of `real` (a resolved path under `root`), opened component by component from `root` without
-    following any symlink: a path changed into a link after resolve_inside is refused."""
+    following any symlink: a path changed into a link after Resolver.regular_file is refused."""
     parts = os.path.relpath(real, root).split(os.sep)
     fd = os.open(root, os.O_RDONLY | _DIRECTORY)
     try:

@@ -162,7 +162,11 @@ def _is_dicom(path: Path, data: bytes) -> bool:
 
 
 def _decode_pil(data: bytes) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as im:
+    try:
+        im = Image.open(io.BytesIO(data))
+    except PIL.UnidentifiedImageError:  # its message names the in-memory buffer, not the file
+        raise ValueError("not a readable PNG/JPEG/DICOM image") from None
+    with im:
         im = ImageOps.exif_transpose(im)
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         return _minmax8(np.asarray(im, dtype=np.float64))
@@ -180,7 +184,10 @@ def _minmax8(a: np.ndarray) -> np.ndarray:
 def _decode_dicom(data: bytes, path: Path) -> np.ndarray:
     import pydicom  # only DICOM needs it
 
-    ds = pydicom.dcmread(io.BytesIO(data), force=False)
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=False)
+    except pydicom.errors.InvalidDicomError:  # its message suggests force=True, an API argument
+        raise ValueError("not a DICOM file (no DICOM header)") from None
     if "PixelData" not in ds:
         raise AuditkitError("DICOM file has no pixel data", where=str(path))
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
@@ -383,7 +390,7 @@ def _roots(root: Path) -> tuple[str, ...]:
 def _inside(roots: tuple[str, ...], raw: str, where: str, base: str | None = None) -> tuple[str, str]:
     """Normalised file path (`raw` relative to `base`, default the root) under a root, and its posix id relative
     to the root; AuditkitError if it escapes as written (symlinks are resolved later, by
-    containment.resolve_inside)."""
+    containment.Resolver)."""
     if not raw:
         raise AuditkitError("empty image path", where=where)
     check_text(raw, where)
@@ -392,7 +399,17 @@ def _inside(roots: tuple[str, ...], raw: str, where: str, base: str | None = Non
         prefix = base if base.endswith(os.sep) else base + os.sep
         if path.startswith(prefix):  # strings: two Path() per row were a large share of a cache hit
             return path, path[len(prefix):].replace(os.sep, "/")
-    raise AuditkitError(f"image path {quote(raw)} is outside the dataset root {quote(roots[0])}", where=where)
+    holder = os.path.commonpath([roots[0], path])  # the nearest root that holds this row and the others
+    folder = f" to {_folder(holder)}" if os.path.dirname(holder) != holder else ""  # "/" would let any file in
+    raise AuditkitError(f"image path {quote(raw)} is outside the dataset root {_folder(roots[0])}; set --image-root "
+                        f"(or data.image_root){folder} to allow it", where=where)
+
+
+def _folder(path: str) -> str:
+    """A folder quoted as the user would type it (relative to the current folder when inside it), and whole: cut
+    like a row's text, it would not say where --image-root should point."""
+    rel = os.path.relpath(path)
+    return repr(path if rel == os.pardir or rel.startswith(os.pardir + os.sep) else rel)
 
 
 def _read_table(path: Path, fmt: str, image_root: str | Path | None) -> _Table:

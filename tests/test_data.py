@@ -413,9 +413,11 @@ def test_missing_image_names_file_and_row(tmp_path):
 def test_undecodable_image_names_file_and_row(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"\x89PNG but not really")
     err = _error(load_dataset, _csv(tmp_path, ["bad.png,normal,train"]), CLASSES, cache_dir=False)
-    assert err.where.endswith("manifest.csv:2") and "bad.png" in err.message and "cannot decode" in err.message
+    assert err.where.endswith("manifest.csv:2")
+    assert err.message == "'bad.png': cannot decode image: not a readable PNG/JPEG/DICOM image"  # no decoder repr
     (tmp_path / "bad.dcm").write_bytes(b"no preamble")
-    assert "cannot decode" in _error(decode_image, tmp_path / "bad.dcm").message
+    assert _error(decode_image, tmp_path / "bad.dcm").message == \
+        "cannot decode image: not a DICOM file (no DICOM header)"
 
 
 def test_unknown_label_names_label_and_classes(tmp_path):
@@ -434,6 +436,16 @@ def test_path_escaping_the_root_is_rejected(tmp_path, raw):
     raw = str(tmp_path / "outside.png") if raw == "ABS" else raw
     err = _error(load_dataset, _csv(root, [f"{raw},normal,train"]), CLASSES, cache_dir=False)
     assert err.where.endswith("manifest.csv:2") and "outside the dataset root" in err.message
+
+
+def test_a_row_outside_the_root_says_which_image_root_would_hold_it(tmp_path, monkeypatch):
+    _png(tmp_path / "ds" / "images" / "a.png", 1)
+    (tmp_path / "ds" / "manifests").mkdir()
+    manifest = _csv(tmp_path / "ds" / "manifests", ["../images/a.png,normal,train"])
+    monkeypatch.chdir(tmp_path)  # folders inside the current one are shown as the user would type them
+    err = _error(load_dataset, manifest, CLASSES, cache_dir=False)
+    assert err.message == ("image path '../images/a.png' is outside the dataset root 'ds/manifests'; "
+                           "set --image-root (or data.image_root) to 'ds' to allow it")
 
 
 def test_covidx_escape_and_bad_line(tmp_path):
