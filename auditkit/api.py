@@ -20,6 +20,7 @@ from .models import ModelAdapter, load_model
 from .policy import Policy, load_policy
 from .results import AuditResult, HardeningRecord, read_json
 from .staging import LOCK_NAME, staging_dir
+from .supervisor import phase, publishing
 
 AFTER_DIR = "after-hardening"  # the hardened model's audit: its UAPs and samples
 
@@ -59,6 +60,7 @@ def run(model: str | Path | ModelAdapter, policy: str | Path | Policy, out_dir: 
     hardening checkpoints (out_dir/hardening/, kept so a killed run resumes) is written to a temporary
     sibling folder first and moved into place at the end, so a run that fails leaves no half-written output.
     """
+    phase("load")
     policy_path = "" if isinstance(policy, Policy) else str(policy)
     policy = _with_seed(policy if isinstance(policy, Policy) else load_policy(policy), seed)
     policy_as_written = policy_text(policy, policy_path)
@@ -127,6 +129,7 @@ def harden(model: str | Path | ModelAdapter, policy: str | Path | Policy, out_di
     """Adversarial retraining alone: hardened.keras, hardened.onnx (parity-checked), hardened.yaml and
     hardening.json in `out_dir`, written through a staging folder as `run` writes; the round checkpoints in
     out_dir/hardening/ stay, so rerunning the same call resumes after the last finished round."""
+    phase("load")
     policy = _with_seed(policy if isinstance(policy, Policy) else load_policy(policy), seed)
     adapter = model if isinstance(model, ModelAdapter) else load_model(model, spec_overrides, spec_file)
     from .harden import check_trainable
@@ -189,11 +192,19 @@ class _StepProgress:
 
 
 def train_zoo(name: str, *, data: str | Path | None = None, out_dir: str | Path | None = None, epochs: int = 30,
-              seed: int = 0, progress: Callable[[int, dict], None] | None = None) -> dict:
-    """Train a zoo model with the deterministic recipe behind the shipped weights (see training)."""
+              seed: int = 0, progress: Callable[[int, dict], None] | None = None,
+              log: Callable[[str], None] = lambda _msg: None) -> dict:
+    """Train a zoo model with the deterministic recipe behind the shipped weights (see training). Into `out_dir`
+    through a staging folder, as `run` writes; without it, into the package's own weights folder."""
     from .training import train_zoo_weights
 
-    return train_zoo_weights(name, epochs=epochs, seed=seed, manifest=data, out_dir=out_dir, progress=progress)
+    if out_dir is None:
+        return train_zoo_weights(name, epochs=epochs, seed=seed, manifest=data, progress=progress)
+    out_dir = Path(out_dir)
+    with staging_dir(out_dir, log) as work:
+        info = train_zoo_weights(name, epochs=epochs, seed=seed, manifest=data, out_dir=work, progress=progress)
+        _publish(work, out_dir, replaces_run=False)
+    return info
 
 
 def rerender(results_json: str | Path, out_dir: str | Path | None = None,
@@ -231,13 +242,14 @@ def _publish(work: Path, out_dir: Path, *, replaces_run: bool = True) -> None:
     hardening alone only replaces its own files, so an audit's results in the same folder survive it."""
     from .report import FILENAMES
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if replaces_run:
-        for sub in ("uaps", "samples", AFTER_DIR):
-            if (out_dir / sub).is_dir():
-                shutil.rmtree(out_dir / sub)
-        for name in [*FILENAMES.values(), *EVIDENCE_OUTPUTS]:
-            (out_dir / name).unlink(missing_ok=True)
-    for item in work.iterdir():
-        if item.name != LOCK_NAME:
-            item.replace(out_dir / item.name)
+    with publishing():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if replaces_run:
+            for sub in ("uaps", "samples", AFTER_DIR):
+                if (out_dir / sub).is_dir():
+                    shutil.rmtree(out_dir / sub)
+            for name in [*FILENAMES.values(), *EVIDENCE_OUTPUTS]:
+                (out_dir / name).unlink(missing_ok=True)
+        for item in work.iterdir():
+            if item.name != LOCK_NAME:
+                item.replace(out_dir / item.name)

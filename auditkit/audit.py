@@ -26,6 +26,7 @@ from .results import (AuditResult, CellResult, ControlSummary, DataInfo, DeployP
 from .rules import apply_rules, verdict
 from .strength import (check_monotone, check_reachability, check_white_box, headline_success, paired_p_value,
                        reach_rate, reach_settings, strength_of)
+from .supervisor import phase
 from .sweep import bisect, sweep_key
 from .uap import make_attack
 from .uap.backends import craft_side_by_side, groupable
@@ -82,6 +83,7 @@ def load_policy_data(policy: Policy, spec: ModelSpec, manifest: str | Path | Non
     if synthetic:
         source = default_phantom_manifest()
     progress = progress or SilentProgress()
+    phase("decode")
     progress.start("loading images", 1)
     prep = resolve_preprocessing(spec, cfg.preprocess.crop_top, cfg.preprocess.resize)
     dataset = load_dataset(source, cfg.classes, aliases=cfg.aliases, fmt=cfg.format,
@@ -229,6 +231,7 @@ class AuditRun:
         """UAPs crafted side by side, each from its cell's seeded stream (+ `purpose`): per cell (result, xi, mean
         image norm, the stream left to draw from), also handed to `crafted` with the cell's position as soon as
         that cell's crafting ends."""
+        phase("craft")
         start = time.perf_counter()
         streams = [settings.stream(self.seed, purpose) for settings in cells]
         budgets = [xi_for(self.craft.images, settings.norm, settings.zeta) for settings in cells]
@@ -317,6 +320,7 @@ class AuditRun:
         """The UAP and its random controls (drawn from the cell's stream after crafting) on every evaluated split
         (or `splits`), and per split the paired test's p that the UAP succeeds on more of the same images than the
         controls."""
+        phase("evaluate")
         target = self._target(settings)
         splits = self.eval_splits if splits is None else splits
         progress.start(f"{settings.key}: evaluating", len(splits) * (1 + self.control_draws))
@@ -332,6 +336,7 @@ class AuditRun:
             done += 1
             progress.update(done)
             draws, control_success = [], []
+            phase("controls")
             start = time.perf_counter()
             for r in controls_rho:
                 control_pred = self.model.predict(perturb(split.images, r, settings.clip))
@@ -545,6 +550,7 @@ def _check_classes(model: ModelAdapter, dataset: Dataset) -> list[str]:
 def prepare_splits(cfg: DataConfig, seed: int, model: ModelAdapter, dataset: Dataset, progress: Progress,
                    ) -> dict[str, Split]:
     """The crafting and evaluated splits, each subset to `max_images` by a seeded draw, with clean predictions."""
+    phase("clean")
     names = list(dict.fromkeys([cfg.craft_split, *cfg.eval_splits]))
     out = {}
     for name in names:

@@ -3,12 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import json
 import shlex
-import signal
 import sys
-import threading
 from pathlib import Path
 from typing import Optional
 
@@ -27,6 +24,7 @@ from .messages import error_line
 from .messages import escape as one_line
 from .plainprogress import PlainProgress
 from .quiet import silence_third_party
+from .supervisor import supervise
 
 EXIT_CODES = """Exit codes: 0 every threshold passed · 1 a threshold failed · 2 bad input or usage (one line naming
 what and where) · 3 internal error (a bug: rerun with --debug and report it) · 4 inconclusive: no threshold
@@ -55,9 +53,6 @@ class _OneLineUsageErrors(TyperGroup):
             hint = f"see {ctx.command_path if ctx else self.name} --help"
             _print_line(error_line(exc.format_message(), hint))
             code = 2
-        except typer.Abort:
-            _print_line(error_line("interrupted"))
-            code = 130
         sys.exit(code if isinstance(code, int) else 0)
 
 
@@ -82,15 +77,6 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks ins
         silence_third_party(_print_line)
 
 
-class Terminated(BaseException):
-    """SIGTERM (a CI time-out, `docker stop`), raised in the main thread like KeyboardInterrupt for SIGINT, so
-    that the same clean-up runs."""
-
-
-def _terminate(signum, frame):
-    raise Terminated
-
-
 def _print_line(line: str) -> None:
     """One already escaped line on stderr, its leading 'error:' or 'warning:' in red on a terminal."""
     text = Text(line)
@@ -101,13 +87,11 @@ def _print_line(line: str) -> None:
 
 
 def _guarded(fn):
-    """Bad input -> one line on stderr and exit 2; anything unexpected -> exit 3 (traceback with --debug);
-    SIGINT -> exit 130, SIGTERM -> exit 143, after the same clean-up (staging folders removed)."""
+    """Bad input -> one line on stderr and exit 2; anything unexpected -> exit 3 (traceback with --debug).
+    Signals are the supervisor's (see supervisor): they never reach this code as exceptions."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
-        previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
         try:
             return fn(*args, **kwargs)
         except typer.Exit:
@@ -117,20 +101,11 @@ def _guarded(fn):
                 raise
             _print_line(error_line(str(exc)))
             raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            _print_line(error_line("interrupted (SIGINT); no output was written"))
-            raise typer.Exit(130) from None
-        except Terminated:
-            _print_line(error_line("terminated (SIGTERM); no output was written"))
-            raise typer.Exit(143) from None
         except Exception as exc:  # noqa: BLE001 - last line of defence of a CLI
             if STATE["debug"]:
                 raise
             _print_line("internal " + error_line(f"{type(exc).__name__}: {exc}", "rerun with --debug"))
             raise typer.Exit(3) from None
-        finally:
-            if main_thread:
-                signal.signal(signal.SIGTERM, previous)
 
     return wrapper
 
@@ -568,7 +543,8 @@ def zoo_train(
             else:  # off a terminal: one line per epoch (none with --quiet)
                 _log(label)
 
-        info = api.train_zoo(name, data=data, out_dir=out_dir, epochs=epochs, seed=seed, progress=on_epoch)
+        info = api.train_zoo(name, data=data, out_dir=out_dir, epochs=epochs, seed=seed, progress=on_epoch,
+                             log=_log)
     out.print(f"{name}: test accuracy {info['test_accuracy']:.1%} on {info['trained_on']}")
     out.print(f"weights: {out_dir / (name + '.weights.h5')} (sha256 {info['sha256'][:16]}…)")
 
@@ -613,14 +589,13 @@ def _pct(rate) -> str:
 
 
 def main() -> None:
+    """The `auditkit` command: the work runs in a child process; this one owns the signals (see supervisor)."""
+    supervise(_run_app, _print_line)
+
+
+def _run_app() -> int:
     try:
         app()
     except SystemExit as exc:
-        if exc.code in (130, 143):
-            # Interrupted: the staging folder is gone and the line printed, but a cell's threads may still be inside
-            # TensorFlow ops, and finalising the interpreter under them now and then crashed the process (SIGSEGV),
-            # losing the exit code. Leave at once.
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(exc.code)
-        raise
+        return exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    return 0

@@ -21,6 +21,7 @@ from .fileio import atomic_write_text, sha256_files
 from .policy import canonical_sha256
 from .results import AuditResult
 from .staging import LOCK_NAME
+from .supervisor import phase
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://auditkit.dev/attestation/uap-audit/v1"
@@ -84,6 +85,7 @@ def _output_digests(run_dir: Path) -> dict[str, str]:
 
 def write_evidence(result: AuditResult, run_dir: Path, policy_text: str, signing_key=None) -> Path:
     """evidence.json in run_dir: the Statement, or with `signing_key` a DSSE envelope holding it."""
+    phase("evidence")
     statement = build_statement(result, run_dir, policy_text)
     payload = json.dumps(statement, indent=2, ensure_ascii=False)
     text = payload if signing_key is None else json.dumps(sign(payload.encode("utf-8"), signing_key), indent=2)

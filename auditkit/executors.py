@@ -23,6 +23,7 @@ from .errors import AuditkitError
 from .models import ModelAdapter, load_model
 from .models.registry import ZOO_NAMES
 from .results import CellResult
+from .supervisor import phase
 from .uap.base import AttackSettings
 
 EXECUTORS = ("local", "ray")
@@ -111,6 +112,7 @@ class RayExecutor:
         pending = {task.remote(shared, packages_ref, cell, board): cell for cell in cells}
         results: dict[str, CellResult] = {}
         progress.start(f"{len(cells)} cells as Ray tasks", len(cells))
+        phase("craft")
         try:
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_S)

@@ -27,6 +27,7 @@ from .models.base import ModelAdapter, model_input
 from .models.keras import KerasAdapter
 from .models.tf_runtime import op_determinism
 from .policy import AttackGrid, Hardening
+from .supervisor import phase
 from .uap import make_attack
 from .uap.base import AttackSettings, cell_rng
 from .uap.geometry import perturb, xi_for
@@ -72,12 +73,14 @@ def harden(model: ModelAdapter, train_images: np.ndarray, train_labels: np.ndarr
     with op_determinism():
         done = run.resume(fingerprint)
         for k in range(len(done), settings.rounds + 1):
+            phase("harden")
             done.append(run.run_round(k))
             run.checkpoint(fingerprint, done)
             log(_round_line(done[-1][0], settings.rounds, target is not None))
             progress("hardening rounds", k, settings.rounds)
 
     start = time.perf_counter()
+    phase("export")
     keras_file, onnx_file, parity = _export(run.model, out_dir, test_images, log)
     rounds = [r for r, _ in done]
     return run.model, HardeningRecord(

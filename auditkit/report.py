@@ -25,6 +25,7 @@ from .errors import AuditkitError
 from .metrics import Rate, row_normalise
 from .fileio import atomic_write_bytes, atomic_write_text
 from .results import AuditResult, CellResult, Example, RuleResult, SweepResult, write_json
+from .supervisor import phase
 
 # an installed wheel has auditkit/templates/; a source checkout has the repo's top-level templates/
 TEMPLATES = next(p for p in (Path(__file__).resolve().parent / "templates",
@@ -707,6 +708,7 @@ def report_link(run_dir: Path, url: str | None = None) -> str:
 
 def write_reports(result: AuditResult, run_dir: Path, formats: Sequence[str]) -> dict[str, Path]:
     """Write the requested formats (html, pdf, json, junit) into run_dir atomically; format -> path."""
+    phase("report")
     run_dir = Path(run_dir)
     wanted = list(dict.fromkeys(formats))
     for fmt in wanted:

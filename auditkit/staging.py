@@ -4,7 +4,8 @@ A run writes `.<out>.partial-<id>/` and moves the finished outputs into --out at
 nothing half-written. A run killed outright (SIGKILL, a power cut) cannot remove its folder; the next run beside
 the same --out does. Each run holds an flock on a lock file inside its folder for as long as it lives (the kernel
 drops it when the process dies), so a folder whose lock can be taken belongs to no live run and is removed; one
-whose lock is held is left alone.
+whose lock is held is left alone. Under the `auditkit` command the supervisor removes the folder of a run it
+kills (see supervisor).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from typing import Callable, Iterator
 
 from .errors import AuditkitError
 from .messages import quote
+from .supervisor import removed_if_killed
 
 LOCK_NAME = ".auditkit-run.lock"
 UNLOCKED_GRACE_S = 60  # a folder without a lock file is a live run's only in the moment between mkdir and lock
@@ -37,20 +39,21 @@ def staging_dir(out_dir: Path, log: Callable[[str], None]) -> Iterator[Path]:
         raise AuditkitError(f"cannot create the output folder ({exc.strerror})", str(out_dir)) from None
     prefix = f".{out_dir.name}.partial-"
     work = parent / f"{prefix}{uuid.uuid4().hex[:8]}"
-    try:
-        work.mkdir()
-        lock = os.open(work / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
-    except OSError as exc:
-        shutil.rmtree(work, ignore_errors=True)
-        raise AuditkitError(f"cannot write beside the output folder ({exc.strerror})", str(out_dir)) from None
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        for stale in _stale_siblings(parent, prefix, work):
-            log(f"removed {quote(stale.name)}, the staging folder of an interrupted run")
-        yield work
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-        os.close(lock)
+    with removed_if_killed(work):
+        try:
+            work.mkdir()
+            lock = os.open(work / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            shutil.rmtree(work, ignore_errors=True)
+            raise AuditkitError(f"cannot write beside the output folder ({exc.strerror})", str(out_dir)) from None
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            for stale in _stale_siblings(parent, prefix, work):
+                log(f"removed {quote(stale.name)}, the staging folder of an interrupted run")
+            yield work
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+            os.close(lock)
 
 
 def _stale_siblings(parent: Path, prefix: str, own: Path) -> Iterator[Path]:

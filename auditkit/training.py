@@ -17,6 +17,7 @@ from .models import zoo
 from .models.registry import ZOO_CLASSES
 from .models.tf_runtime import configure_tensorflow
 from .phantoms import DEFAULT_PARAMS, PHANTOM_GENERATOR, default_phantom_manifest
+from .supervisor import phase
 
 TRAIN_PREPROCESS = {"size": 224, "crop_top": 1 / 6, "resize": "bilinear"}
 
@@ -67,6 +68,7 @@ def train_model(model, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarr
     rng = np.random.default_rng(seed)
     history: dict[str, list[float]] = {"loss": [], "accuracy": [], "val_loss": [], "val_accuracy": []}
     for epoch in range(1, epochs + 1):
+        phase("train")
         order = rng.permutation(len(x_train))
         xb, yb = x_train[order], y_train[order]
         if augment:
