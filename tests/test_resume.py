@@ -56,7 +56,7 @@ def test_a_run_killed_at_any_point_resumes_to_the_same_uaps_and_results(referenc
     out = d / f"killed-{kill_after_cells}"
     args = run_args(tiny_model, policy, phantom_manifest, out)
     proc = cli(args)
-    while finished_cells(out) < kill_after_cells or not (resume_dir(out) / "inputs.json").exists():
+    while finished_cells(out) < kill_after_cells or not any(out.parent.glob(f".{out.name}.partial-*")):
         assert proc.poll() is None, "the run ended before the kill point"
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
@@ -99,3 +99,25 @@ def test_a_damaged_checkpoint_is_crafted_again_not_trusted(reference, tmp_path):
     blob.write_bytes(blob.read_bytes()[:-1] + b"\0")
     assert store.restore(cell.key, tmp_path / "staging") is None
     assert json.loads((tmp_path / "r" / "inputs.json").read_text()) == {"model": "a"}
+
+
+def test_the_folder_is_made_at_the_first_write_and_an_outdated_one_kept_until_then(reference, tmp_path):
+    """A run refused or killed before it finishes anything leaves no folder, and an earlier run's stays usable."""
+    d, _ = reference
+    cell = read_json(d / "ref" / "results.json").cells[0]
+    folder, inputs, lines = tmp_path / ".out.resume", {"model": "a", "seed": 5}, []
+    store = CellStore.open(folder, inputs, lines.append)
+    assert store.restore(cell.key, tmp_path / "staging") is None and not folder.exists()
+    assert store.remembered("reach:x", lambda: 0.5) == 0.5
+    assert json.loads((folder / "inputs.json").read_text()) == inputs
+    store.save(cell, d / "ref")
+
+    changed = CellStore.open(folder, inputs | {"seed": 6}, lines.append)
+    assert lines == ["starting afresh: the seed differs from the interrupted run's ('.out.resume')"]
+    assert changed.restore(cell.key, tmp_path / "staging") is None
+    earlier = CellStore.open(folder, inputs, lines.append)  # the changed run wrote nothing: the earlier one's stays
+    assert earlier.restore(cell.key, tmp_path / "staging") == cell and earlier.remembered("reach:x", list) == 0.5
+
+    assert changed.remembered("reach:x", lambda: 0.25) == 0.25  # its first write replaces the outdated folder
+    assert json.loads((folder / "inputs.json").read_text()) == inputs | {"seed": 6}
+    assert not (folder / "cells").exists()
