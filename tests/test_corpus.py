@@ -1,15 +1,17 @@
 """A corpus of hostile, broken and odd inputs, as a new user would meet them, run through the real CLI.
 
 Every bad case must give exit code 2 (or the signal's), exactly one line on stderr that names the file, row or
-key, no traceback, and nothing in or beside --out. The CLI runs as a subprocess with stderr going to a file, not
-a terminal, so leftover progress lines would show. The cases run side by side once per session (each is a short
-process that fails before any TensorFlow import); each test then checks its own case's record.
+key, no traceback and no object repr, and nothing in or beside --out (no staging or resume folder either). The
+CLI runs as a subprocess with stderr going to a file, not a terminal, so leftover progress lines would show. The
+cases run side by side once per session (each is a short process that fails before any TensorFlow import); each
+test then checks its own case's record.
 Odd-but-valid inputs are loaded in-process and checked to load right. Keras and SavedModel cases run in-process
 (CliRunner) because their loaders import TensorFlow, which costs seconds per process.
 """
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import struct
@@ -284,8 +286,9 @@ CASES = [
     Case("manifest", "duplicate-row", csv_rows("img/0.png,normal,train", "./img/0.png,normal,test"),
          ("bad.csv:3", "duplicate", "bad.csv:2")),
     Case("manifest", "dotdot-escape", csv_rows("../../etc/hostname,normal,train"),
-         ("bad.csv:2", "outside the dataset root")),
-    Case("manifest", "absolute-path", csv_rows("/etc/hostname,normal,train"), ("bad.csv:2", "outside")),
+         ("bad.csv:2", "outside the dataset root", "set --image-root (or data.image_root) to '")),
+    Case("manifest", "absolute-path", csv_rows("/etc/hostname,normal,train"),
+         ("bad.csv:2", "outside", "set --image-root (or data.image_root) to allow it")),  # not to '/'
     Case("manifest", "nul-in-path", csv_rows("img/0\0.png,normal,train"), ("bad.csv:2", "NUL", "\\x00")),
     Case("manifest", "newline-in-path", csv_rows('"img/a\nb.png",normal,train'), ("bad.csv:2", "a\\nb.png")),
     Case("manifest", "ansi-in-path", csv_rows("img/\x1b[2J\x1b[31mred.png,normal,train"),
@@ -312,7 +315,7 @@ CASES = [
     Case("manifest", "image-root-missing", lambda d, w: w.run(d, None, "--image-root", d / "nowhere"),
          ("nowhere", "image root is not a directory")),
     Case("manifest", "empty-split", csv_rows("img/0.png,normal,train", "img/1.png,pneumonia,train"),
-         ("bad.csv", "empty split 'test'")),
+         ("bad.csv", "empty split 'test'")),  # found after start-up, when the run has begun
     # ---- paths: where a manifest's file really is
     Case("paths", "symlink-out-file", link(lambda d: str(png(d / "outside.png"))), ("m.csv:8", "symbolic link")),
     Case("paths", "symlink-etc-hostname", link(lambda d: "/etc/hostname"), ("m.csv:8", "outside the dataset root")),
@@ -333,13 +336,17 @@ CASES = [
     Case("paths", "subfolder-manifest-without-root", lambda d, w: (
         dataset(d), (d / "ds" / "manifests").mkdir(),
         (d / "ds" / "manifests" / "x.csv").write_text("path,label,split\n../img/0.png,normal,train\n"),
-        w.run(d, d / "ds" / "manifests" / "x.csv"))[-1], ("x.csv:2", "outside the dataset root")),
+        w.run(d, d / "ds" / "manifests" / "x.csv"))[-1],
+         ("x.csv:2", "outside the dataset root", "manifests'; set --image-root (or data.image_root) to '",
+          "without-root/ds' to allow it")),
     # ---- images
     Case("images", "png-truncated", with_image("img/t.png", lambda p: truncated(p, 60)), ("m.csv:8", "t.png")),
-    Case("images", "png-zero-bytes", with_image("img/z.png", lambda p: p.write_bytes(b"")), ("m.csv:8", "z.png")),
-    Case("images", "png-text", with_image("img/x.png", png_bytes(b"hello, not an image\n")), ("m.csv:8", "x.png")),
+    Case("images", "png-zero-bytes", with_image("img/z.png", lambda p: p.write_bytes(b"")),
+         ("m.csv:8", "z.png", "not a readable PNG/JPEG/DICOM image")),
+    Case("images", "png-text", with_image("img/x.png", png_bytes(b"hello, not an image\n")),
+         ("m.csv:8", "x.png", "not a readable PNG/JPEG/DICOM image")),
     Case("images", "png-bad-signature", with_image("img/b.png", png_bytes(b"\x89PNG but not really")),
-         ("m.csv:8", "cannot decode")),
+         ("m.csv:8", "b.png", "cannot decode image: not a readable PNG/JPEG/DICOM image")),
     Case("images", "png-bomb-header", with_image("img/bomb.png", png_bytes(png_header_only(40000, 40000))),
          ("m.csv:8", "bomb.png")),
     Case("images", "png-zero-size", with_image("img/zero.png", png_bytes(png_header_only(0, 0))),
@@ -349,7 +356,7 @@ CASES = [
     Case("images", "jpeg-garbage", with_image("img/g.jpg", png_bytes(b"\xff\xd8\xff\xe0garbage" * 4)),
          ("m.csv:8", "g.jpg")),
     Case("images", "dicom-text", with_image("img/n.dcm", png_bytes(b"not a dicom file at all\n" * 8)),
-         ("m.csv:8", "n.dcm", "cannot decode")),
+         ("m.csv:8", "n.dcm", "cannot decode image: not a DICOM file")),
     Case("images", "dicom-no-pixels", with_image("img/np.dcm", dicom_without_pixels), ("m.csv:8", "no pixel data")),
     Case("images", "dicom-palette", with_image("img/pal.dcm", dicom_palette), ("m.csv:8", "PALETTE COLOR")),
     Case("images", "dicom-magic-garbage", with_image("img/mg.png", dicom_magic_garbage), ("m.csv:8", "mg.png")),
@@ -396,6 +403,8 @@ CASES = [
     Case("models", "onnx-rank3-transfer", onnx_model(["N", SIZE, SIZE], role="--transfer"), ("odd.onnx", "rank 3")),
     Case("models", "onnx-two-inputs", onnx_model(["N", 1, SIZE, SIZE], inputs=2), ("odd.onnx", "one input")),
     Case("models", "onnx-five-channels", onnx_model(["N", 5, SIZE, SIZE]), ("odd: ", "channels")),
+    Case("models", "classes-differ-from-policy", sidecar("classes: [COVID-19, normal, pneumonia]\n"),
+         ("error: s: ", "differ from the policy's data.classes")),  # found after start-up, as empty-split
     Case("models", "spec-contradicts-graph", sidecar("classes: [normal, pneumonia, COVID-19]\nchannels: 3\n"),
          ("channels",)),
     Case("models", "spec-alias-bomb", sidecar(BOMB + "\nclasses: *a8\n"), ("s.yaml", "alias")),
@@ -433,13 +442,14 @@ CASES = [
 def run_case(case: Case, d: Path, cache: Path) -> dict:
     d.mkdir(parents=True)
     args = case.build(d, _WORLD[0])
+    before = os.listdir(d)
     err_file = d.parent / f"{d.name}.stderr"
     env = dict(os.environ, PYTHONPATH=str(REPO), AUDITKIT_CACHE=str(cache), COLUMNS="100")
     with open(err_file, "wb") as err:
         proc = subprocess.run([sys.executable, "-m", "auditkit", *args], stdout=subprocess.PIPE, stderr=err,
                               stdin=subprocess.DEVNULL, timeout=120, env=env)
     return {"code": proc.returncode, "stdout": proc.stdout.decode(errors="replace"),
-            "stderr": err_file.read_text(errors="replace")}
+            "stderr": err_file.read_text(errors="replace"), "before": before}
 
 
 _WORLD: list[World] = []
@@ -468,9 +478,13 @@ def assert_one_line_error(record: dict, expect: tuple[str, ...], code: int = 2) 
     return lines[0]
 
 
-def assert_nothing_left(d: Path) -> None:
+def assert_nothing_left(d: Path, before: list[str] | None = None) -> None:
+    """Nothing in --out (`d`/out) and no staging folder; given `d`'s listing from before the run, nothing new
+    beside --out at all (no resume folder either)."""
     assert not (d / "out").is_dir() or not any((d / "out").iterdir())
     assert not list(d.glob(".out.partial-*")), list(d.glob(".out*"))
+    if before is not None:
+        assert set(os.listdir(d)) - set(before) <= {"out"}, sorted(set(os.listdir(d)) - set(before))
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c.family}-{c.name}")
@@ -478,7 +492,14 @@ def test_bad_input_gives_one_line_and_leaves_nothing(case, corpus):
     d, record = corpus[f"{case.family}-{case.name}"]
     assert_one_line_error(record, case.expect, case.code)
     assert record["stdout"] == ""
-    assert_nothing_left(d)
+    assert_nothing_left(d, record["before"])
+
+
+def test_no_message_shows_an_object_repr_or_address(corpus):
+    """An exception's text passed on raw can name an in-memory object: `<_io.BytesIO object at 0x7fa7244aa200>`."""
+    shown = {key: record["stderr"] for key, (_, record) in corpus.items()
+             if re.search(r"0x[0-9a-f]{6,}|<_io|object at", record["stderr"])}
+    assert shown == {}
 
 
 # --------------------------------------------------------------------------- Keras and SavedModel, in-process
