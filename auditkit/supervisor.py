@@ -28,6 +28,7 @@ import shutil
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Callable, Iterator, NoReturn
 
@@ -93,7 +94,7 @@ def phase(name: str) -> None:
     log = os.environ.get(PHASE_LOG_ENV)
     if log:
         with open(log, "a", encoding="utf-8") as f:
-            f.write(f"{_monotonic()} {name}\n")
+            f.write(f"{time.monotonic():.4f} {name}\n")
     at = os.environ.get(PHASE_SIGNAL_ENV, "")
     if _CHANNEL is None or not at or at.split(":")[0] != name:
         return
@@ -102,10 +103,6 @@ def phase(name: str) -> None:
         os.write(_CHANNEL.notes, (json.dumps(["await-signal", name]) + "\n").encode())
         os.kill(os.getppid(), signal.Signals[at.split(":")[1]])
         os.read(_CHANNEL.answers, 1)  # the supervisor kills this process, or answers when it lets the run finish
-
-
-def _monotonic() -> float:
-    return round(__import__("time").monotonic(), 4)
 
 
 # --------------------------------------------------------------------------- the parent's side
@@ -147,6 +144,7 @@ def _become_child(parent: int, notes: int, answers: int, parents_fds: tuple[int,
     for sig in HANDLED:
         if signal.getsignal(sig) is not signal.SIG_IGN:
             signal.signal(sig, _ignore)  # caught, not ignored: programs it starts (Ray) get the default back
+            signal.siginterrupt(sig, False)  # and system calls in other threads restart instead of failing
     for fd in parents_fds:
         os.close(fd)
     with contextlib.suppress(OSError, AttributeError):
@@ -172,7 +170,7 @@ class _Parent:
         self.staged: dict[str, None] = {}
         self.buffer = b""
         self.publishing = False
-        self.awaiting = False
+        self.awaited = self.let_through = 0  # the test hook's waits, and signals that let the run go on
         self.late: int | None = None
         self.signal: int | None = None
 
@@ -180,7 +178,8 @@ class _Parent:
         """The exit code: the child's, or 128 + the signal that ended it."""
         pidfd = os.pidfd_open(self.pid)
         while self.signal is None:
-            ready, _, _ = select.select([self.notes, self.wake, pidfd], [], [])
+            ready, _, _ = select.select([self.notes, self.wake, pidfd] if self.notes >= 0 else [self.wake, pidfd],
+                                        [], [])
             if self.notes in ready:
                 self._read_notes()
             if self.wake in ready:
@@ -197,6 +196,9 @@ class _Parent:
 
     def _read_notes(self) -> None:
         chunk = os.read(self.notes, 65536)
+        if not chunk:  # the child has exited (or is exiting): nothing more to read
+            os.close(self.notes)
+            self.notes = -1
         self.buffer += chunk
         *lines, self.buffer = self.buffer.split(b"\n")
         for line in lines:
@@ -206,7 +208,8 @@ class _Parent:
             elif kind == "unstage":
                 self.staged.pop(value, None)
             elif kind == "await-signal":
-                self.awaiting = True
+                self.awaited += 1
+                self._answer_awaited()
             elif kind == "publish" and not _Parent.pending and self.signal is None:
                 self.publishing = True
                 os.write(self.answers, b"y")
@@ -217,20 +220,21 @@ class _Parent:
             sig = _Parent.pending.pop(0)
             if self.publishing and self.late is None:
                 self.late = sig  # the outputs are being published: let the run finish
+                self.let_through += 1
+                self._answer_awaited()
             else:
                 self.signal = sig
-            if self.awaiting and self.signal is None:
-                self.awaiting = False
-                os.write(self.answers, b"s")
+
+    def _answer_awaited(self) -> None:
+        """The test hook waits until its signal is handled; a signal may be handled before its note is read."""
+        while self.awaited and self.let_through:
+            self.awaited, self.let_through = self.awaited - 1, self.let_through - 1
+            os.write(self.answers, b"s")
 
     def _exited(self) -> int:
         _, status = os.waitpid(self.pid, 0)
-        with contextlib.suppress(OSError):
-            while self._readable():
-                before = len(self.buffer)
-                self._read_notes()
-                if len(self.buffer) == before:
-                    break
+        while self.notes >= 0:  # what it noted before exiting (the pipe's write end closed with it)
+            self._read_notes()
         if os.WIFSIGNALED(status):  # a crash (or the OOM killer): never a negative exit code
             self._remove_staged()
             name = signal.Signals(os.WTERMSIG(status)).name
@@ -240,9 +244,6 @@ class _Parent:
             self._say_line(f"warning: {signal.Signals(self.late).name} arrived while the outputs were being "
                            "published; the run finished")
         return os.waitstatus_to_exitcode(status)
-
-    def _readable(self) -> bool:
-        return bool(select.select([self.notes], [], [], 0)[0])
 
     def _remove_staged(self) -> None:
         for path in self.staged:
