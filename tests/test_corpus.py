@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import socket
 import struct
 import subprocess
 import sys
-import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -628,58 +626,3 @@ def test_small_aliases_in_a_policy_are_fine(tmp_path):
                             "    algorithm: blackbox\n    max_iter: 1\nrandom_controls:"))
     assert [c.key for c in load_policy(tmp_path / "q.yaml").cells(CLASSES)] == [
         "nontargeted_inf_z0.1_blackbox", "nontargeted_inf_z0.2_blackbox"]
-
-
-# --------------------------------------------------------------------------- signals and stale staging folders
-def _start(world: World, d: Path, *extra: str) -> tuple[subprocess.Popen, Path]:
-    err_file = d / "stderr.txt"
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-m", "auditkit", *world.run(d / "w", None, *extra)],
-                            stdout=subprocess.DEVNULL, stderr=open(err_file, "wb"), env=env)
-    return proc, err_file
-
-
-@pytest.mark.parametrize("sig,code,word", [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "SIGINT")])
-def test_a_signal_mid_run_cleans_up_and_says_so_in_one_line(world, tmp_path, sig, code, word):
-    (tmp_path / "w").mkdir()
-    proc, err_file = _start(world, tmp_path)
-    deadline = time.monotonic() + 60
-    while not list((tmp_path / "w").glob(".out.partial-*")) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be interrupted"
-    proc.send_signal(sig)
-    proc.wait(timeout=60)
-    record = {"code": proc.returncode, "stderr": err_file.read_text()}
-    assert_one_line_error(record, (word, "no output was written"), code)
-    assert_nothing_left(tmp_path / "w")
-
-
-def test_stale_staging_folders_are_removed_and_a_live_ones_kept(world, tmp_path):
-    import fcntl
-
-    from auditkit.staging import LOCK_NAME
-
-    w = tmp_path / "w"
-    dead, unlocked, live = (w / f".out.partial-{n}" for n in ("dead", "old", "live"))
-    for folder in (dead, unlocked, live):
-        folder.mkdir(parents=True)
-        (folder / "junk.npy").write_bytes(b"x")
-    (dead / LOCK_NAME).write_bytes(b"")
-    os.utime(unlocked, (time.time() - 3600, time.time() - 3600))
-    holder = os.open(live / LOCK_NAME, os.O_RDWR | os.O_CREAT)
-    fcntl.flock(holder, fcntl.LOCK_EX)  # this process stands for a live run
-    try:
-        # and a manifest in a sub-folder naming ../img/..., which needs --image-root
-        m = dataset(w)
-        (m.parent / "manifests").mkdir()
-        (m.parent / "manifests" / "x.csv").write_text(m.read_text().replace("img/", "../img/"))
-        proc = subprocess.run([sys.executable, "-m", "auditkit", *world.run(w, m.parent / "manifests" / "x.csv",
-                                                                          "--image-root", m.parent)],
-                              capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
-    finally:
-        os.close(holder)
-    assert proc.returncode == 0, proc.stderr
-    assert "removed '.out.partial-dead'" in proc.stderr and "removed '.out.partial-old'" in proc.stderr
-    assert not dead.exists() and not unlocked.exists() and (live / "junk.npy").exists()
-    assert sorted(p.name for p in (w / "out").iterdir()) == ["evidence.json", "results.json", "samples", "uaps"]
-    assert [p.name for p in w.glob(".out.partial-*")] == [live.name]
