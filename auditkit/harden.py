@@ -139,6 +139,7 @@ class _Run:
         def on_pass(pass_no: int, done: int, total: int, _rate: float | None) -> None:
             self.progress(f"{label}, pass {pass_no}/{max_iter}", done, total)
 
+        phase("craft")
         images, subset = self.train[0], self.settings.attack.craft_images
         if subset is not None and subset < len(images):
             chosen = np.sort(rng.permutation(len(images))[:subset])
@@ -169,6 +170,7 @@ class _Run:
                     loss=keras.losses.SparseCategoricalCrossentropy(from_logits=spec.output == "logits"))
         shuffle = self.rng(k, "shuffle")
         losses = []
+        phase("fine-tune")
         for epoch in range(1, s.epochs + 1):
             order = shuffle.permutation(len(x))
             total = 0.0
