@@ -316,8 +316,10 @@ def _check_statement(statement: Any) -> None:
             if not isinstance(s["name"], str) or len(s["digest"]["sha256"]) != 64:
                 raise ValueError(s)
         statement["predicate"]["policy"]["resolved"]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise Mismatch(where, f"malformed statement ({exc!r})") from None
+    except KeyError as exc:
+        raise Mismatch(where, f"malformed statement (no {exc.args[0]!r} field)") from None
+    except (TypeError, ValueError):
+        raise Mismatch(where, "malformed statement (a subject or the policy is not of the expected shape)") from None
 
 
 def _check_predicate(predicate: dict[str, Any], run_dir: Path) -> None:

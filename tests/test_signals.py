@@ -243,6 +243,21 @@ def test_harden_interrupted_in_a_round_or_its_export_publishes_nothing(tmp_path,
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("at", ["craft:SIGINT", "evaluate:SIGTERM"])
+def test_cells_crafted_side_by_side_interrupted_while_crafting_or_evaluating(tmp_path, tiny_model, phantom_manifest,
+                                                                            at):
+    """Four gradient cells in two groups: crafted side by side, each evaluated in a second thread while the others
+    craft on, so the signal finds threads inside TensorFlow."""
+    from conftest import write_policy
+
+    args = ["run", "--model", str(tiny_model), "--policy", str(write_policy(tmp_path / "p.yaml")), "--data",
+            str(phantom_manifest), "--out", str(tmp_path / "out")]
+    code, err = cli_signalled(tmp_path, args, at)
+    assert_interrupted(code, err, signal.Signals[at.split(":")[1]])
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
+@pytest.mark.slow
 def test_zoo_train_interrupted_publishes_no_weights(tmp_path, phantom_manifest):
     args = ["zoo", "train", "covidnet_small", "--data", str(phantom_manifest), "--epochs", "1",
             "--out", str(tmp_path / "out")]
