@@ -129,9 +129,14 @@ def supervise(child: Callable[[], int], say: Callable[[str], None]) -> NoReturn:
         code = 3
         try:
             code = child()
+        except BaseException as exc:  # noqa: BLE001 - the commands catch their own; this is a bug's last line
+            say(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug)")
         finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
+            # Leave without finalising the interpreter: under threads still inside TensorFlow that crashed now and
+            # then (SIGSEGV). Every output is written and closed by now; only the console streams need a flush.
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):  # a closed pipe must not keep the child alive
+                    stream.flush()
             os._exit(code)
     for fd in (notes_w, answers_r):
         os.close(fd)
