@@ -12,8 +12,6 @@ import csv
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +19,7 @@ from PIL import Image
 
 from .data import default_cache_dir
 from .errors import AuditkitError
+from .supervisor import scratch_folder
 
 PHANTOM_CLASSES = ("normal", "pneumonia", "COVID-19")
 PHANTOM_GENERATOR = "auditkit-phantoms-v1"  # bump whenever render_phantom output changes: it keys the cache
@@ -258,8 +257,7 @@ def generate_phantoms(out_dir: Path, *, n_train: int = 600, n_test: int = 150, s
         raise AuditkitError("folder exists and is not empty; phantoms are written to a new folder",
                             where=str(out_dir))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with scratch_folder(out_dir.parent, f".{out_dir.name}.tmp-") as tmp:
         rows = []
         for split, n in (("train", n_train), ("test", n_test)):
             for cls in PHANTOM_CLASSES:
@@ -276,9 +274,6 @@ def generate_phantoms(out_dir: Path, *, n_train: int = 600, n_test: int = 150, s
         if out_dir.exists():
             out_dir.rmdir()
         os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir / "manifest.csv"
 
 

@@ -13,6 +13,7 @@ from .errors import AuditkitError
 from .models import ZOO_NAMES
 from .policy import AttackGrid, Policy, policy_from_record
 from .results import AuditResult, ModelInfo, read_json
+from .supervisor import scratch_folder
 
 PLATFORM_FIELDS = ("platform", "python", "tensorflow", "onnxruntime", "numpy")
 
@@ -42,7 +43,7 @@ def recompute_cells(run_dir: str | Path, which: str, progress=None) -> Recomputa
         result.problem = f"model {recorded.model.name}: its files' sha256 differ from the recorded ones"
         return result
     surrogate = _model_ref(recorded.crafted_on) if recorded.crafted_on else None
-    with tempfile.TemporaryDirectory(prefix="auditkit-recompute-") as tmp:
+    with scratch_folder(Path(tempfile.gettempdir()), "auditkit-recompute-") as tmp:
         again = api.run(model, _policy_for(policy, keys, recorded.model.classes), Path(tmp) / "out",
                         data=None if recorded.data.synthetic else recorded.data.source, formats=["json"],
                         surrogate=surrogate, progress=progress)

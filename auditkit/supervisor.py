@@ -29,6 +29,7 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Callable, Iterator, NoReturn
 
@@ -72,6 +73,19 @@ def removed_if_killed(path: Path) -> Iterator[Path]:
     finally:
         if _CHANNEL is not None:
             _CHANNEL.note("unstage", str(Path(path).absolute()))
+
+
+@contextlib.contextmanager
+def scratch_folder(parent: Path, prefix: str) -> Iterator[Path]:
+    """A new private folder under `parent` for the block's work: removed when the block ends (a caller may have
+    renamed it into place by then), and by the supervisor if the run is killed first."""
+    path = Path(parent) / f"{prefix}{uuid.uuid4().hex[:12]}"
+    with removed_if_killed(path):
+        path.mkdir(mode=0o700)
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -54,7 +54,7 @@ def supervised(tmp_path: Path, body: str, *, ignore=()) -> tuple[int, str, Path]
     script.write_text(textwrap.dedent("""
         import os, signal, sys, threading
         from pathlib import Path
-        from auditkit.supervisor import publishing, removed_if_killed, supervise
+        from auditkit.supervisor import publishing, removed_if_killed, scratch_folder, supervise
 
         folder = Path(sys.argv[1])
         parent = os.getpid()
@@ -86,6 +86,23 @@ def test_a_signal_kills_the_child_and_removes_what_it_staged(tmp_path, sig):
     """)
     assert code == CODES[sig] and not staged.exists()
     assert err == f"error: {WORDS[sig]}; no output was written\n"
+
+
+def test_a_scratch_folder_goes_with_the_block_or_with_the_killed_run(tmp_path):
+    (tmp_path / "ends").mkdir()
+    code, _, _ = supervised(tmp_path / "ends", """
+        with scratch_folder(folder.parent, "scratch-") as scratch:
+            (scratch / "x").write_text("x")
+    """)
+    assert code == 0 and not list((tmp_path / "ends").glob("scratch-*"))
+    (tmp_path / "killed").mkdir()
+    code, _, _ = supervised(tmp_path / "killed", f"""
+        with scratch_folder(folder.parent, "scratch-") as scratch:
+            (scratch / "x").write_text("x")
+            os.kill(parent, {int(signal.SIGTERM)})
+            threading.Event().wait()
+    """)
+    assert code == 143 and not list((tmp_path / "killed").glob("scratch-*"))
 
 
 def test_an_inherited_ignored_sigint_stays_ignored_and_sigterm_is_always_honoured(tmp_path):
