@@ -120,13 +120,24 @@ def phase(name: str) -> None:
 
 
 # --------------------------------------------------------------------------- the parent's side
-def supervise(child: Callable[[], int], say: Callable[[str], None]) -> NoReturn:
-    """Run `child()` in a forked process and exit with its exit code; on a signal, kill it, remove what it staged,
-    `say` one line and exit 128 + the signal's number. Where fork is impossible, run `child()` here."""
+def catch_signals() -> None:
+    """Record SIGINT, SIGTERM and SIGHUP from now on, for `supervise` to act on (inherited ignores of SIGINT and
+    SIGHUP kept). The command's first statement, so that a signal during its imports is not a default death."""
+    _record_signals()
+    phase("start")
+
+
+def _record_signals() -> None:
     for sig in HANDLED:
         if sig in KEEP_IGNORED and signal.getsignal(sig) is signal.SIG_IGN:
             continue
         signal.signal(sig, _Parent.record)
+
+
+def supervise(child: Callable[[], int], say: Callable[[str], None]) -> NoReturn:
+    """Run `child()` in a forked process and exit with its exit code; on a signal, kill it, remove what it staged,
+    `say` one line and exit 128 + the signal's number. Where fork is impossible, run `child()` here."""
+    _record_signals()
     notes_r, notes_w = os.pipe()
     answers_r, answers_w = os.pipe()
     wake_r, wake_w = os.pipe()
@@ -148,13 +159,21 @@ def supervise(child: Callable[[], int], say: Callable[[str], None]) -> NoReturn:
         finally:
             # Leave without finalising the interpreter: under threads still inside TensorFlow that crashed now and
             # then (SIGSEGV). Every output is written and closed by now; only the console streams need a flush.
-            for stream in (sys.stdout, sys.stderr):
-                with contextlib.suppress(Exception):  # a closed pipe must not keep the child alive
-                    stream.flush()
-            os._exit(code)
+            _leave(code)
     for fd in (notes_w, answers_r):
         os.close(fd)
-    sys.exit(_Parent(pid, notes_r, answers_w, wake_r, say).wait())
+    code = _Parent(pid, notes_r, answers_w, wake_r, say).wait()
+    # Decided: a signal from here on changes nothing, and finalising the interpreter would restore the default
+    # handlers, under which a late signal would still end the process with a negative exit code.
+    signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+    _leave(code)
+
+
+def _leave(code: int) -> NoReturn:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # a closed pipe must not keep the process alive
+            stream.flush()
+    os._exit(code)
 
 
 def _become_child(parent: int, notes: int, answers: int, parents_fds: tuple[int, ...]) -> None:

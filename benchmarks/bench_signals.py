@@ -1,10 +1,12 @@
 """SIGINT and SIGTERM at random moments of every phase, on a loaded machine: does a run ever crash, publish or
 leave a staging folder behind?
 
-    python benchmarks/bench_signals.py [--runs 400] [--load 2] [--parallel 2] [--seed 0] [--model covidnet_small]
+    python benchmarks/bench_signals.py [--runs 400] [--load 2] [--parallel 4] [--seed 0] [--model MODEL]
 
 Two workloads: `auditkit run` of policies/quick.yaml (reports in every format, signed) and `auditkit harden` of
-one retraining round (benchmarks/signals-harden.yaml). One uninterrupted run of each, with AUDITKIT_PHASE_LOG
+one retraining round (benchmarks/signals-harden.yaml). The model is by default a small untrained 64x64 Keras CNN
+made by the benchmark, so that 400 runs fit in well under an hour on two loaded cores; the phases, threads and
+files are those of any model (`--model covidnet_small` for the built-in one). One uninterrupted run of each, with AUDITKIT_PHASE_LOG
 set, gives its phases. Each trial then draws a workload, a signal and a phase, and starts the command. It waits
 until the run reaches that phase (a drawn occurrence of it), then a drawn fraction of that occurrence's
 duration in the uninterrupted run, and sends the signal. The moment follows the run's own progress, because a
@@ -81,8 +83,10 @@ def start(args: list[str], phase_log: Path) -> subprocess.Popen:
 
 
 def phases(phase_log: Path, t0: float) -> list[tuple[float, str]]:
-    """(seconds since start, phase) in order; ("start", 0) first."""
-    events = [(0.0, "start")]
+    """(seconds since the process started, phase) in order. The first, "start", is logged once the command
+    handles signals; before it, in the interpreter's first moments, a signal takes its default action (as for
+    any program), so no trial signals a run before its "start"."""
+    events = []
     if phase_log.exists():
         for line in phase_log.read_text().splitlines():
             stamp, _, name = line.partition(" ")
@@ -154,18 +158,37 @@ def check(trial: Trial, code: int, err: str, folder: Path) -> list[str]:
     return problems
 
 
+def tiny_model(folder: Path) -> str:
+    """An untrained 64x64 CNN, saved as .keras with its model.yaml: every phase of a run at a small cost."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    image = keras.Input((64, 64, 1), name="image")
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu")(image)
+    x = keras.layers.Conv2D(16, 3, strides=2, padding="same", activation="relu")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    keras.Model(image, keras.layers.Dense(3, activation="softmax")(x)).save(folder / "tiny.keras")
+    (folder / "tiny.yaml").write_text("classes: [normal, pneumonia, COVID-19]\ncrop_top: 0.0\nresize: bilinear\n")
+    return str(folder / "tiny.keras")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=400)
     ap.add_argument("--load", type=int, default=2, help="busy-loop processes running throughout")
-    ap.add_argument("--parallel", type=int, default=2, help="trials at a time")
+    ap.add_argument("--parallel", type=int, default=4, help="trials at a time")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--model", default="covidnet_small")
+    ap.add_argument("--model", default=None, help="default: a small untrained CNN made here")
     opts = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-signals-"))
     subprocess.run([sys.executable, "-m", "auditkit", "keygen", "--out", str(work / "bench")], check=True,
                    env=os.environ | {"PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL)
     key = work / "bench.key"
+    opts.model = opts.model or tiny_model(work)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
+    flags = sorted({f for f in Path("/proc/cpuinfo").read_text().split() if f in ("avx2", "avx512f", "amx_tile")})
+    print(f"commit {commit.strip()}, model {Path(opts.model).name}, {os.cpu_count()} CPUs ({', '.join(flags)}), "
+          f"{opts.load} busy loops, {opts.parallel} trials at a time", flush=True)
     load = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(opts.load)]
     try:
         durations = {w: profile(w, work, key, opts.model) for w in OUTPUTS}
