@@ -26,11 +26,13 @@ def escape(text: str) -> str:
 
 
 def quote(text: object) -> str:
-    """A path or name quoted and escaped for a message: 'a\\nb.png'; long ones cut, with their length."""
+    """A path or name quoted and escaped for a message: 'a\\nb.png'; long ones cut in the middle, with their length,
+    so that a path keeps its file name (and a message does not depend on how deep the folder is)."""
     text = str(text)
     if len(text) <= MAX_SHOWN:
         return repr(text)
-    return f"{text[:MAX_SHOWN]!r}... ({len(text)} characters)"
+    head, tail = MAX_SHOWN // 4, MAX_SHOWN - MAX_SHOWN // 4
+    return f"{text[:head]!r}...{text[-tail:]!r} ({len(text)} characters)"
 
 
 def shown(value: object) -> str:
