@@ -1,5 +1,7 @@
 """Shared fixtures: a small easy image set and a tiny trained CNN (32x32), built once per session."""
+import contextlib
 import os
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +12,28 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # as auditkit's configure_t
 
 CLASSES = ("normal", "pneumonia", "COVID-19")
 TINY_SIZE = 32
+
+
+# With pytest-xdist (`-n 2 --dist loadgroup`, as CI runs the suite) a group's tests run on one worker, one after
+# another. Each file is a group, so that its module fixtures are built once; a few share across files: the cxr3
+# tests (one worker trains and caches the cxr3 CNN), the tests that start Ray (one cluster at a time), and those
+# that use the built-in phantom set (generated once into the worker's cache).
+XDIST_GROUPS = {"test_ray.py": "ray", "test_signals.py::test_a_ray_run": "ray",
+                "test_induced_rates.py": "builtin-phantoms", "test_model_preprocessing.py": "builtin-phantoms",
+                "test_step_norm.py": "builtin-phantoms", "test_tf1.py": "builtin-phantoms",
+                "test_zoo.py": "builtin-phantoms"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the groups
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("xdist_group") is not None:
+            continue
+        where = f"{item.path.name}::{item.name}"
+        group = next((g for prefix, g in XDIST_GROUPS.items() if where.startswith(prefix)), item.path.name)
+        if item.get_closest_marker("cxr3") is not None:
+            group = "cxr3"
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(autouse=True)
@@ -121,17 +145,55 @@ def json_without_times(path: Path) -> dict:
 np.set_printoptions(precision=4)
 
 
+@contextlib.contextmanager
+def network_guard():
+    """Every attempt to reach the network (a name lookup, an IP connection) fails and is recorded in the list
+    yielded. Local (AF_UNIX) sockets still connect."""
+    attempts = []
+    connect = socket.socket.connect
+
+    def refused(what: str, target) -> OSError:
+        attempts.append((what, target))
+        return OSError(f"offline test: {what} {target}")
+
+    def guarded_connect(sock, address):
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            raise refused("connect", address)
+        return connect(sock, address)
+
+    def lookup(host, *args, **kw):
+        raise refused("getaddrinfo", host)
+
+    def create_connection(address, *args, **kw):
+        raise refused("create_connection", address)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(socket.socket, "connect", guarded_connect)
+        mp.setattr(socket, "getaddrinfo", lookup)
+        mp.setattr(socket, "create_connection", create_connection)
+        yield attempts
+
+
 @pytest.fixture(scope="session")
-def signed_run(tmp_path_factory, tiny_model, phantom_manifest):
-    """One audit of the tiny model, signed and with an SBOM: (run folder, public key, policy, its key pair folder).
+def signed_audit(tmp_path_factory, tiny_model, phantom_manifest):
+    """One audit of the tiny model, signed, with every report and an SBOM, made under network_guard() and with
+    the session's cache: (run folder, public key, policy, the network attempts recorded).
 
     Tests that change files work on copies."""
     from auditkit import api
     from auditkit.evidence import generate_keypair
 
     d = tmp_path_factory.mktemp("signed")
-    generate_keypair(d / "audit.key", d / "audit.pub")
-    policy = write_policy(d / "policy.yaml")
-    api.run(tiny_model, policy, d / "out", data=phantom_manifest, formats=["html", "pdf", "json", "junit"],
-            sign_key=d / "audit.key", sbom=True)
-    return d / "out", d / "audit.pub", policy
+    with network_guard() as attempts, pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AUDITKIT_CACHE", str(tmp_path_factory.getbasetemp() / "auditkit-cache"))
+        generate_keypair(d / "audit.key", d / "audit.pub")
+        policy = write_policy(d / "policy.yaml")
+        api.run(tiny_model, policy, d / "out", data=phantom_manifest, formats=["html", "pdf", "json", "junit"],
+                sign_key=d / "audit.key", sbom=True)
+    return d / "out", d / "audit.pub", policy, attempts
+
+
+@pytest.fixture(scope="session")
+def signed_run(signed_audit):
+    """signed_audit's (run folder, public key, policy)."""
+    return signed_audit[:3]

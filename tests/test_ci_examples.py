@@ -11,6 +11,7 @@ from conftest import write_policy
 
 ROOT = Path(__file__).parents[1]
 EXAMPLES = ROOT / "examples" / "ci"
+pytestmark = pytest.mark.slow  # each test runs a whole audit through a job's script
 
 
 def github_job():

@@ -43,6 +43,7 @@ def passing_run(tmp_path_factory, tiny_model, phantom_manifest):
     return d, code, output
 
 
+@pytest.mark.slow
 def test_run_writes_every_output_and_exits_0_on_pass(passing_run):
     d, code, output = passing_run
     assert code == 0, output
@@ -66,6 +67,7 @@ def test_run_writes_every_output_and_exits_0_on_pass(passing_run):
     assert not list(d.glob(".out.partial-*")), "the staging folder was left behind"
 
 
+@pytest.mark.slow
 def test_html_tables_hold_the_numbers_of_results_json(passing_run):
     d, _, _ = passing_run
     html = (d / "out" / "report.html").read_text()
@@ -79,6 +81,7 @@ def test_html_tables_hold_the_numbers_of_results_json(passing_run):
     assert f"{100 * clean:.1f}%" in html
 
 
+@pytest.mark.slow
 def test_pdf_text_holds_verdict_and_tables(passing_run):
     if not shutil.which("pdftotext"):
         pytest.skip("pdftotext (poppler-utils) is not installed")
@@ -91,6 +94,7 @@ def test_pdf_text_holds_verdict_and_tables(passing_run):
     assert f"{100 * rf:.1f}%" in text
 
 
+@pytest.mark.slow
 def test_junit_has_one_testcase_per_rule_and_failures_where_rules_fail(tmp_path, tiny_model, phantom_manifest):
     policy = write_policy(tmp_path / "p.yaml", thresholds="""  - name: loose
     metric: fooling_rate
@@ -118,6 +122,7 @@ def test_junit_has_one_testcase_per_rule_and_failures_where_rules_fail(tmp_path,
     assert [r["passed"] for r in results["rules"]] == [True, False, True]
 
 
+@pytest.mark.slow
 def test_report_command_reproduces_the_html(passing_run, tmp_path):
     d, _, _ = passing_run
     code, output = run_cli("report", d / "out" / "results.json", "--out", tmp_path / "again", "--formats", "html")
@@ -131,6 +136,7 @@ def test_report_command_reproduces_the_html(passing_run, tmp_path):
     assert code == 2 and "results.json" in output and "file not found" in output and "Traceback" not in output
 
 
+@pytest.mark.slow
 def test_same_inputs_give_the_same_uaps_and_json(passing_run, tiny_model, phantom_manifest):
     """Also whatever the number of cells crafted side by side: the first run crafted its cells together, this one
     crafts each alone."""
@@ -143,6 +149,7 @@ def test_same_inputs_give_the_same_uaps_and_json(passing_run, tiny_model, phanto
         assert np.array_equal(np.load(f), np.load(d / "again" / "uaps" / f.name))
 
 
+@pytest.mark.slow
 def test_a_script_label_is_escaped_in_the_html(tmp_path, tiny_model, phantom_manifest):
     evil = "<script>alert(1)</script>"
     classes = ("normal", "pneumonia", evil)
@@ -204,6 +211,7 @@ def test_bad_manifest_row_exits_2_naming_file_and_row_and_writes_nothing(tmp_pat
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
 
 
+@pytest.mark.slow
 def test_onnx_model_is_audited_and_an_undifferentiable_one_exits_2(tmp_path, tiny_model, phantom_manifest):
     from test_onnx_grad import handmade_onnx
 
@@ -242,6 +250,7 @@ def test_help_is_fast_because_it_does_not_import_tensorflow():
     assert "Exit codes" in help_text and "run" in help_text
 
 
+@pytest.mark.slow
 def test_run_with_hardening_reports_before_and_after(tmp_path, tiny_model, phantom_manifest):
     policy = write_policy(tmp_path / "p.yaml", thresholds="""  - name: targeted success
     metric: targeted_success_rate
@@ -275,6 +284,7 @@ def test_run_with_hardening_reports_before_and_after(tmp_path, tiny_model, phant
     assert len(suites) == 2 and suites[1].get("name").endswith("(hardened model)")
 
 
+@pytest.mark.slow
 def test_harden_command_publishes_the_hardened_model_and_its_record(tmp_path, tiny_model, phantom_manifest):
     """... beside an audit already in the folder, which it leaves alone."""
     (tmp_path / "out" / "uaps").mkdir(parents=True)
@@ -302,6 +312,7 @@ def test_harden_command_publishes_the_hardened_model_and_its_record(tmp_path, ti
                for name in ("results.json", "report.html", "uaps/nontargeted_inf_z0.2.npy"))
 
 
+@pytest.mark.slow
 def test_deploy_parity_surrogate_and_transfer_matrix(tmp_path, tiny_model, phantom_manifest):
     onnx_twin(tiny_model, tmp_path)
     policy = write_policy(tmp_path / "p.yaml")
@@ -327,6 +338,7 @@ def test_deploy_parity_surrogate_and_transfer_matrix(tmp_path, tiny_model, phant
         assert np.allclose(np.load(tmp_path / "sur" / a["uap_file"]), np.load(tmp_path / "out" / b["uap_file"]))
 
 
+@pytest.mark.slow
 def test_blackbox_algorithm_runs_from_a_policy_and_counts_queries(tmp_path, tiny_model, phantom_manifest):
     policy = write_policy(tmp_path / "p.yaml")
     text = policy.read_text().replace("    max_iter: 6\n", "    max_iter: 2\n    algorithm: blackbox\n"

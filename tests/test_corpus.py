@@ -2,20 +2,28 @@
 
 Every bad case must give exit code 2 (or the signal's), exactly one line on stderr that names the file, row or
 key, no traceback and no object repr, and nothing in or beside --out (no staging or resume folder either). The
-CLI runs as a subprocess with stderr going to a file, not a terminal, so leftover progress lines would show. The
-cases run side by side once per session (each is a short process that fails before any TensorFlow import); each
-test then checks its own case's record.
+CLI runs in a process of its own with stderr going to a file, not a terminal, so leftover progress lines would
+show. The cases run side by side once per session (each is a short process that fails before any TensorFlow
+import); each test then checks its own case's record.
+A fresh interpreter spends most of such a case importing what auditkit.api needs (numpy, pydantic, onnxruntime)
+before the error, so the cases run as `python -m auditkit` would in processes forked from a server that imported
+those once. A sample of cases also runs in fresh interpreters and must give the same records.
 Odd-but-valid inputs are loaded in-process and checked to load right. Keras and SavedModel cases run in-process
 (CliRunner) because their loaders import TensorFlow, which costs seconds per process.
 """
 from __future__ import annotations
 
+import json
 import os
+import queue
 import re
+import select
+import signal
 import socket
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -113,7 +121,7 @@ class Case:
     family: str
     name: str
     build: Callable[[Path, World], list[str]]  # makes the case's files in its folder; the CLI arguments
-    expect: tuple[str, ...]  # what the one line must name (file, row, key, what is wrong)
+    expect: tuple[str, ...]  # what the one line must name (file, row, key, what is wrong); {d}: the case's folder
     code: int = 2
 
 
@@ -336,7 +344,7 @@ CASES = [
         (d / "ds" / "manifests" / "x.csv").write_text("path,label,split\n../img/0.png,normal,train\n"),
         w.run(d, d / "ds" / "manifests" / "x.csv"))[-1],
          ("x.csv:2", "outside the dataset root", "manifests'; set --image-root (or data.image_root) to '",
-          "without-root/ds' to allow it")),
+          "{d}/ds' to allow it")),
     # ---- images
     Case("images", "png-truncated", with_image("img/t.png", lambda p: truncated(p, 60)), ("m.csv:8", "t.png")),
     Case("images", "png-zero-bytes", with_image("img/z.png", lambda p: p.write_bytes(b"")),
@@ -390,7 +398,7 @@ CASES = [
     Case("policy", "version-2", policy_edit("version: 1", "version: 2"), ("bad.yaml: version",)),
     Case("policy", "missing-attacks", policy_text("version: 1\n"), ("attacks", "required")),
     Case("policy", "nul-char", policy_text("version: 1\nseed: \0\n"), ("bad.yaml", "#x0000")),
-    Case("policy", "directory", options("policy", "check", "{d}"), ("policy-directory", "cannot read")),
+    Case("policy", "directory", options("policy", "check", "{d}"), ("{d}", "cannot read")),
     Case("policy", "not-found", options("policy", "check", "{d}/nope.yaml"), ("nope.yaml", "not found")),
     # ---- models (ONNX and files that are not models; Keras and SavedModel in-process below)
     Case("models", "onnx-junk", model_file("j.onnx", b"\0garbage"), ("j.onnx", "not a model file")),
@@ -437,17 +445,107 @@ CASES = [
 ]
 
 
-def run_case(case: Case, d: Path, cache: Path) -> dict:
+# The fork server: reads one JSON request a line ({"args", "stdout", "stderr"}), forks, and in the child runs
+# auditkit's __main__ as `python -m auditkit ARGS` does (stdin /dev/null, stdout and stderr to the files named, exit
+# handlers run at the end); it answers the child's pid, then its exit code, a line each.
+SERVER = r"""
+import atexit, json, os, runpy, sys
+import auditkit.api, auditkit.cli  # noqa: F401 - what every case imports before its error, once
+
+WRITE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+for line in sys.stdin:
+    request = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, request["stdout"], WRITE),
+                                    (2, request["stderr"], WRITE)):
+                opened = os.open(path, flags, 0o644)
+                os.dup2(opened, fd)
+                os.close(opened)
+            sys.argv = ["auditkit", *request["args"]]
+            try:
+                runpy.run_module("auditkit", run_name="__main__", alter_sys=True)
+                code = 0
+            except SystemExit as exc:
+                if exc.code is None or isinstance(exc.code, int):
+                    code = exc.code or 0
+                else:
+                    print(exc.code, file=sys.stderr)
+            atexit._run_exitfuncs()
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except Exception:
+                    pass
+            os._exit(code)
+    print(pid, flush=True)
+    _, status = os.waitpid(pid, 0)
+    print(os.waitstatus_to_exitcode(status), flush=True)
+"""
+CASE_TIMEOUT_S = 120
+# Run in fresh interpreters too (as `python -m auditkit`), one per family, chosen to get furthest before the error
+# (policy read, model loaded, data decoded): their records must equal the fork server's.
+FRESH = ("manifest-unknown-label", "paths-fifo", "images-dicom-no-pixels", "policy-alias-bomb-targets-run",
+         "models-onnx-rank3", "models-classes-differ-from-policy", "options-jobs-zero")
+
+
+class ForkServer:
+    def __init__(self, env: dict, err: Path):
+        self.err = err
+        with open(err, "wb") as stderr:
+            self.proc = subprocess.Popen([sys.executable, "-c", SERVER], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=stderr, env=env)
+
+    def _line(self, deadline: float) -> int:
+        fd, line = self.proc.stdout.fileno(), b""
+        while not line.endswith(b"\n"):
+            if not select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                raise TimeoutError(f"no answer from the fork server in {CASE_TIMEOUT_S} s")
+            byte = os.read(fd, 1)  # a byte at a time: never past the line
+            assert byte, f"the fork server died: {self.err.read_text()}"
+            line += byte
+        return int(line)
+
+    def run(self, args: list[str], stdout: Path, stderr: Path) -> int:
+        deadline = time.monotonic() + CASE_TIMEOUT_S
+        self.proc.stdin.write((json.dumps({"args": args, "stdout": str(stdout), "stderr": str(stderr)}) + "\n")
+                              .encode())
+        self.proc.stdin.flush()
+        pid = self._line(deadline)
+        try:
+            return self._line(deadline)
+        except TimeoutError:
+            os.kill(pid, signal.SIGKILL)
+            raise
+
+    def close(self) -> str:
+        """Ends the server; what it wrote on stderr itself (its imports: they must be silent)."""
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+        return self.err.read_text(errors="replace")
+
+
+def prepare(case: Case, d: Path) -> tuple[list[str], list[str]]:
+    """Makes the case's files in `d`: (the CLI arguments, `d`'s listing before the run)."""
     d.mkdir(parents=True)
-    args = case.build(d, _WORLD[0])
-    before = os.listdir(d)
-    err_file = d.parent / f"{d.name}.stderr"
-    env = dict(os.environ, PYTHONPATH=str(REPO), AUDITKIT_CACHE=str(cache), COLUMNS="100")
-    with open(err_file, "wb") as err:
-        proc = subprocess.run([sys.executable, "-m", "auditkit", *args], stdout=subprocess.PIPE, stderr=err,
-                              stdin=subprocess.DEVNULL, timeout=120, env=env)
-    return {"code": proc.returncode, "stdout": proc.stdout.decode(errors="replace"),
-            "stderr": err_file.read_text(errors="replace"), "before": before}
+    args = [str(a) for a in case.build(d, _WORLD[0])]
+    return args, os.listdir(d)
+
+
+def run_case(d: Path, args: list[str], env: dict, server: ForkServer | None) -> dict:
+    """The record of the CLI run on a prepared case: through `server`, or with None in a fresh interpreter."""
+    out_file, err_file = d.parent / f"{d.name}.stdout", d.parent / f"{d.name}.stderr"
+    if server is not None:
+        code = server.run(args, out_file, err_file)
+    else:
+        with open(out_file, "wb") as out, open(err_file, "wb") as err:
+            code = subprocess.run([sys.executable, "-m", "auditkit", *args], stdout=out, stderr=err,
+                                  stdin=subprocess.DEVNULL, timeout=CASE_TIMEOUT_S, env=env).returncode
+    return {"code": code, "stdout": out_file.read_text(errors="replace"),
+            "stderr": err_file.read_text(errors="replace")}
 
 
 _WORLD: list[World] = []
@@ -455,14 +553,43 @@ _WORLD: list[World] = []
 
 @pytest.fixture(scope="session")
 def corpus(world, tmp_path_factory) -> dict[str, tuple[Path, dict]]:
-    """Every subprocess case, run three at a time; case id -> (its folder, its record)."""
-    base = tmp_path_factory.mktemp("corpus")
+    """Every subprocess case, run side by side; case id -> (its folder, its record). The FRESH sample's records in
+    fresh interpreters are under "<case id>:fresh"."""
+    base = tmp_path_factory.mktemp("c")
     _WORLD.append(world)
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        futures = {f"{c.family}-{c.name}": (base / f"{c.family}-{c.name}",
-                                            pool.submit(run_case, c, base / f"{c.family}-{c.name}", base / "cache"))
-                   for c in CASES}
-        return {key: (d, f.result()) for key, (d, f) in futures.items()}
+    env = dict(os.environ, PYTHONPATH=str(REPO), AUDITKIT_CACHE=str(base / "cache"), COLUMNS="100")
+    workers = 2
+    servers: queue.Queue[ForkServer] = queue.Queue()
+    started = [ForkServer(env, base / f"server-{i}.stderr") for i in range(workers)]
+    for server in started:
+        servers.put(server)
+
+    def served(d: Path, args: list[str]) -> dict:
+        server = servers.get()
+        try:
+            return run_case(d, args, env, server)
+        finally:
+            servers.put(server)
+
+    # The cases' files are made here, one after another (building some imports pydicom, which two threads must not
+    # import at once); only the runs go side by side. Folders are numbered, not named: a message quotes the first 80
+    # characters of a path, and the file's name must be among them (under pytest-xdist's longer temporary paths too).
+    prepared = {}
+    for n, c in enumerate(CASES):
+        key = f"{c.family}-{c.name}"
+        prepared[key] = (base / f"{n:03d}", *prepare(c, base / f"{n:03d}"))
+        if key in FRESH:
+            prepared[f"{key}:fresh"] = (base / f"{n:03d}f", *prepare(c, base / f"{n:03d}f"))
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            futures = {key: (d, before, pool.submit(served, d, args) if not key.endswith(":fresh")
+                             else pool.submit(run_case, d, args, env, None))
+                       for key, (d, args, before) in prepared.items()}
+            records = {key: (d, f.result() | {"before": before}) for key, (d, before, f) in futures.items()}
+    finally:
+        said = [server.close() for server in started]
+    assert said == [""] * workers, said  # an import that printed would have printed in every case
+    return records
 
 
 def assert_one_line_error(record: dict, expect: tuple[str, ...], code: int = 2) -> str:
@@ -488,9 +615,20 @@ def assert_nothing_left(d: Path, before: list[str] | None = None) -> None:
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c.family}-{c.name}")
 def test_bad_input_gives_one_line_and_leaves_nothing(case, corpus):
     d, record = corpus[f"{case.family}-{case.name}"]
-    assert_one_line_error(record, case.expect, case.code)
+    assert_one_line_error(record, tuple(text.replace("{d}", str(d)) for text in case.expect), case.code)
     assert record["stdout"] == ""
     assert_nothing_left(d, record["before"])
+
+
+@pytest.mark.parametrize("key", FRESH)
+def test_a_fresh_interpreter_gives_the_fork_servers_record(corpus, key):
+    """The fork server is only faster: the same exit code, stdout and stderr (its own folder's name aside) and
+    nothing more left behind as `python -m auditkit` started afresh."""
+    (d, served), (fresh_d, fresh) = corpus[key], corpus[f"{key}:fresh"]
+    assert fresh["stderr"].replace(str(fresh_d), str(d)) == served["stderr"]
+    assert (fresh["code"], fresh["stdout"], sorted(fresh["before"])) == (served["code"], served["stdout"],
+                                                                         sorted(served["before"]))
+    assert sorted(os.listdir(fresh_d)) == sorted(os.listdir(d))
 
 
 def test_no_message_shows_an_object_repr_or_address(corpus):

@@ -403,7 +403,8 @@ def test_progress_reports_every_image(tmp_path):
 
 
 # --------------------------------------------------------------------------- errors
-def test_missing_image_names_file_and_row(tmp_path):
+def test_missing_image_names_file_and_row(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("m")  # short: a message quotes the first 80 characters of the image's path
     _png(tmp_path / "a.png", 1)
     err = _error(load_dataset, _csv(tmp_path, ["a.png,normal,train", "gone.png,normal,train"]), CLASSES,
                  cache_dir=False)
@@ -505,6 +506,7 @@ def test_duplicate_rows_and_bad_classes(tmp_path):
 
 
 # --------------------------------------------------------------------------- real data
+@pytest.mark.slow
 @pytest.mark.cxr3
 def test_real_cxr3_manifest_loads(tmp_path, monkeypatch):
     if not (CXR3 / "manifest.csv").is_file():

@@ -37,6 +37,7 @@ def flip_byte(path: Path, offset: int = 200) -> None:
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.slow
 def test_an_untouched_signed_run_verifies(signed_run):
     run_dir, public_key, _ = signed_run
     code, output = cli("verify", run_dir, "--key", public_key)
@@ -45,6 +46,7 @@ def test_an_untouched_signed_run_verifies(signed_run):
     assert f"OK: {files} files match evidence.json; signature by keyid" in output
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["report.pdf", "results.json", "uaps/nontargeted_inf_z0.2.npy"])
 def test_one_changed_byte_fails_verify_naming_the_file(run_copy, name):
     run_dir, public_key = run_copy
@@ -54,6 +56,7 @@ def test_one_changed_byte_fails_verify_naming_the_file(run_copy, name):
     assert f"verify failed: {name}: sha256" in output
 
 
+@pytest.mark.slow
 def test_a_deleted_file_fails_verify_naming_it(run_copy):
     run_dir, public_key = run_copy
     (run_dir / "junit.xml").unlink()
@@ -61,6 +64,7 @@ def test_a_deleted_file_fails_verify_naming_it(run_copy):
     assert code == 5 and "verify failed: junit.xml: missing" in output
 
 
+@pytest.mark.slow
 def test_an_added_file_fails_verify(run_copy):
     run_dir, public_key = run_copy
     np.save(run_dir / "uaps" / "extra.npy", np.zeros((32, 32), np.float32))
@@ -68,6 +72,7 @@ def test_an_added_file_fails_verify(run_copy):
     assert code == 5 and "uaps/extra.npy: not listed in evidence.json" in output
 
 
+@pytest.mark.slow
 def test_another_key_fails_verify(run_copy, tmp_path):
     run_dir, _ = run_copy
     evidence.generate_keypair(tmp_path / "other.key", tmp_path / "other.pub")
@@ -75,6 +80,7 @@ def test_another_key_fails_verify(run_copy, tmp_path):
     assert code == 5 and "evidence.json: signatures: signed by keyid" in output and "other.pub" in output
 
 
+@pytest.mark.slow
 def test_a_re_signed_statement_with_a_changed_digest_and_file_fails(run_copy, tmp_path):
     """Someone swaps a UAP and rewrites its digest in the payload: the signature no longer holds."""
     run_dir, public_key = run_copy
@@ -93,6 +99,7 @@ def test_a_re_signed_statement_with_a_changed_digest_and_file_fails(run_copy, tm
     assert code == 0 and "signature not checked" in output
 
 
+@pytest.mark.slow
 def test_statement_lists_every_output_and_records_inputs(signed_run):
     run_dir, public_key, policy = signed_run
     envelope = json.loads((run_dir / "evidence.json").read_text())
@@ -114,6 +121,7 @@ def test_statement_lists_every_output_and_records_inputs(signed_run):
     assert p["versions"]["tensorflow"] and p["versions"]["cryptography"] and p["started"] <= p["finished"]
 
 
+@pytest.mark.slow
 def test_sbom_is_cyclonedx_of_the_environment(signed_run):
     sbom = json.loads((signed_run[0] / "sbom.cdx.json").read_text())
     assert sbom["bomFormat"] == "CycloneDX" and sbom["specVersion"] == "1.6"
@@ -138,6 +146,7 @@ def test_keygen_writes_a_private_key_only_its_owner_reads_and_never_overwrites(t
     assert (tmp_path / "team.key").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_verify_with_a_key_on_an_unsigned_run_fails_and_a_bad_key_file_is_bad_input(run_copy, tmp_path):
     run_dir, public_key = run_copy
     envelope = json.loads((run_dir / "evidence.json").read_text())
@@ -150,6 +159,7 @@ def test_verify_with_a_key_on_an_unsigned_run_fails_and_a_bad_key_file_is_bad_in
     assert code == 2 and "junk.pub" in output
 
 
+@pytest.mark.slow
 def test_recompute_all_reproduces_every_uap_byte_for_byte(signed_run):
     run_dir, public_key, _ = signed_run
     code, output = cli("verify", run_dir, "--key", public_key, "--recompute", "all")
@@ -158,6 +168,7 @@ def test_recompute_all_reproduces_every_uap_byte_for_byte(signed_run):
     assert output.count("UAP identical byte for byte") == 4
 
 
+@pytest.mark.slow
 def test_recompute_on_another_platform_compares_rates_with_the_intervals(signed_run, monkeypatch):
     from auditkit import reproduce
 
@@ -168,11 +179,13 @@ def test_recompute_on_another_platform_compares_rates_with_the_intervals(signed_
     assert all("within the interval" in line for line in result.lines[1:])
 
 
+@pytest.mark.slow
 def test_recompute_of_an_unknown_cell_is_bad_input(signed_run):
     code, output = cli("verify", signed_run[0], "--recompute", "nope")
     assert code == 2 and "no cell 'nope'" in output
 
 
+@pytest.mark.slow
 def test_verify_does_not_import_tensorflow(signed_run):
     probe = ("import sys\nfrom typer.testing import CliRunner\nfrom auditkit.cli import app\n"
              f"r = CliRunner().invoke(app, ['verify', {str(signed_run[0])!r}, '--key', {str(signed_run[1])!r}])\n"

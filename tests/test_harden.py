@@ -44,9 +44,7 @@ def splits():
     return (*blobs(120, rng), *blobs(60, rng))
 
 
-@pytest.fixture(scope="module")
-def base(splits):
-    """A tiny CNN trained briefly: accurate, but a targeted UAP moves nearly every image to COVID-19."""
+def tiny_cnn():
     import keras
 
     keras.utils.set_random_seed(3)
@@ -55,10 +53,24 @@ def base(splits):
     x = keras.layers.MaxPooling2D(2)(x)
     x = keras.layers.Conv2D(16, 3, padding="same", activation="relu")(x)
     x = keras.layers.MaxPooling2D(2)(x)
-    model = keras.Model(image, keras.layers.Dense(3, activation="softmax")(keras.layers.Flatten()(x)))
+    return keras.Model(image, keras.layers.Dense(3, activation="softmax")(keras.layers.Flatten()(x)))
+
+
+@pytest.fixture(scope="module")
+def base(splits):
+    """A tiny CNN trained briefly: accurate, but a targeted UAP moves nearly every image to COVID-19."""
+    import keras
+
+    model = tiny_cnn()
     model.compile(keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy")
     model.fit(splits[0][..., None], splits[1], epochs=3, batch_size=16, verbose=0)
     return keras_adapter(model, "tiny", {"classes": list(CLASSES)})
+
+
+@pytest.fixture(scope="module")
+def untrained():
+    """The same CNN, not trained: enough where hardening refuses before it retrains (the fast suite)."""
+    return keras_adapter(tiny_cnn(), "tiny", {"classes": list(CLASSES)})
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +91,7 @@ def fresh_uap_success(model, images) -> float:
     return M.targeted_success_rate(model.predict(perturb(images, rho, True)), TARGET).value
 
 
+@pytest.mark.slow
 def test_hardening_lowers_fresh_uap_success_and_leaves_the_original_alone(base, hardened, splits):
     before, adapter, _, _, _ = hardened
     assert all(np.array_equal(a, b) for a, b in zip(before, base.model.get_weights(), strict=True))
@@ -87,6 +100,7 @@ def test_hardening_lowers_fresh_uap_success_and_leaves_the_original_alone(base, 
     assert r_before > 0.8 and r_after < r_before - 0.3, (r_before, r_after)
 
 
+@pytest.mark.slow
 def test_record_rounds_and_artefacts(hardened, splits):
     _, adapter, record, out, lines = hardened
     test_x, test_y = splits[2:]
@@ -105,6 +119,7 @@ def test_record_rounds_and_artefacts(hardened, splits):
     assert (out / "hardening" / "round-2.weights.h5").is_file()
 
 
+@pytest.mark.slow
 def test_onnx_export_matches_keras(hardened, splits):
     _, adapter, record, out, _ = hardened
     test_x = splits[2]
@@ -116,6 +131,7 @@ def test_onnx_export_matches_keras(hardened, splits):
     np.testing.assert_allclose(onnx.predict_proba(test_x), adapter.predict_proba(test_x), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_resume_after_an_interrupted_round_gives_the_same_weights(base, hardened, splits, tmp_path):
     _, reference, record, _, _ = hardened
 
@@ -139,6 +155,7 @@ def test_resume_after_an_interrupted_round_gives_the_same_weights(base, hardened
         [(r.attack_rate, r.clean_accuracy, r.train_loss) for r in record.rounds]
 
 
+@pytest.mark.slow
 def test_nontargeted_round_records_the_fooling_rate(base, splits, tmp_path):
     settings = SETTINGS.model_copy(update={"rounds": 1, "uaps_per_round": 1,
                                            "attack": HardeningAttack(zeta=SETTINGS.attack.zeta, **UAP)})
@@ -148,6 +165,7 @@ def test_nontargeted_round_records_the_fooling_rate(base, splits, tmp_path):
     assert record.rounds[-1].attack_rate.count == conf.sum() - np.trace(conf)  # R_f: prediction != true label
 
 
+@pytest.mark.slow
 def test_sgd_hardening_on_subsets_lowers_fresh_uap_success(base, splits, tmp_path):
     attack = SETTINGS.attack.model_copy(update={"algorithm": "sgd", "max_iter": 20, "craft_images": 60,
                                                 "sgd": SGDSettings(batch_size=16)})
@@ -173,14 +191,15 @@ def test_unset_crafting_settings_come_from_the_first_grid():
         HardeningAttack(sgd={"batch_size": 8})
 
 
+@pytest.mark.slow
 def test_a_model_that_cannot_be_trained_is_refused(hardened, splits, tmp_path):
     onnx = load_model(hardened[3] / "hardened.onnx")
     with pytest.raises(AuditkitError, match="hardening needs a Keras model .* hardened is onnx"):
         harden(onnx, *splits, SETTINGS, seed=0, out_dir=tmp_path)
 
 
-def test_unknown_target_class_is_refused(base, splits, tmp_path):
+def test_unknown_target_class_is_refused(untrained, splits, tmp_path):
     settings = SETTINGS.model_copy(update={"attack": HardeningAttack(kind="targeted", target="covid")})
     with pytest.raises(AuditkitError, match="unknown class 'covid'") as err:
-        harden(base, *splits, settings, seed=0, out_dir=tmp_path)
+        harden(untrained, *splits, settings, seed=0, out_dir=tmp_path)
     assert err.value.where == "hardening.attack.target"

@@ -28,6 +28,7 @@ def test_release_gate_judges_induced_change_and_paper_keeps_the_papers_metrics()
     assert paper == {"fooling_rate", "targeted_success_rate"}
 
 
+@pytest.mark.slow
 def test_the_console_names_each_rate_and_the_rules_use_induced_lift(tmp_path):
     model = save_linear_onnx(tmp_path / "m.onnx", spec="classes: [a, b, c]\noutput: logits\ncrop_top: 0\n"
                                                         "resize: bilinear\n")

@@ -56,6 +56,7 @@ report: {{title: t, formats: [html, json]}}
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("crop_top, used, warned", [("model", 0.0, False), ("0.25", 0.25, True)])
 def test_the_run_records_and_reports_the_preprocessing_used(tmp_path, crop_top, used, warned):
     model = save_linear_onnx(tmp_path / "m.onnx", external=False)

@@ -7,38 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_policy
+from conftest import network_guard, write_policy
 from test_corpus import linear_onnx
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def network_attempts(monkeypatch) -> list:
-    """Every attempt to reach the network (a name lookup, an IP connection) fails and is recorded. Local
-    (AF_UNIX) sockets still connect."""
-    attempts = []
-    connect = socket.socket.connect
-
-    def refused(what: str, target) -> OSError:
-        attempts.append((what, target))
-        return OSError(f"offline test: {what} {target}")
-
-    def guarded_connect(sock, address):
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            raise refused("connect", address)
-        return connect(sock, address)
-
-    def lookup(host, *args, **kw):
-        raise refused("getaddrinfo", host)
-
-    def create_connection(address, *args, **kw):
-        raise refused("create_connection", address)
-
-    monkeypatch.setattr(socket.socket, "connect", guarded_connect)
-    monkeypatch.setattr(socket, "getaddrinfo", lookup)
-    monkeypatch.setattr(socket, "create_connection", create_connection)
-    return attempts
+def network_attempts() -> list:
+    """conftest's network_guard() for the test: every attempt to reach the network fails and is recorded."""
+    with network_guard() as attempts:
+        yield attempts
 
 
 def test_the_guard_refuses_and_records_network_use_only(network_attempts, tmp_path):
@@ -56,16 +35,22 @@ def test_the_guard_refuses_and_records_network_use_only(network_attempts, tmp_pa
     assert len(network_attempts) == 3
 
 
-@pytest.mark.parametrize("kind", ["keras", "onnx"])
-def test_a_signed_audit_with_every_report_and_an_sbom_makes_no_network_attempt(
-        network_attempts, tmp_path, tiny_model, phantom_manifest, kind):
+@pytest.mark.slow
+def test_a_signed_audit_with_every_report_and_an_sbom_makes_no_network_attempt(signed_audit):
+    """conftest's signed audit of the tiny Keras model (every format, an SBOM) ran under the same guard."""
+    out, _, _, attempts = signed_audit
+    assert (out / "report.pdf").is_file() and attempts == []
+
+
+@pytest.mark.slow
+def test_a_signed_onnx_audit_with_every_report_and_an_sbom_makes_no_network_attempt(network_attempts, tmp_path, phantom_manifest):
     from auditkit import api
     from auditkit.evidence import generate_keypair
 
-    model = tiny_model if kind == "keras" else linear_onnx(tmp_path / "linear.onnx", ["N", 1, 32, 32])
     generate_keypair(tmp_path / "audit.key", tmp_path / "audit.pub")
-    api.run(model, write_policy(tmp_path / "policy.yaml"), tmp_path / "out", data=phantom_manifest,
-            formats=["html", "pdf", "json", "junit"], sbom=True, sign_key=tmp_path / "audit.key")
+    api.run(linear_onnx(tmp_path / "linear.onnx", ["N", 1, 32, 32]), write_policy(tmp_path / "policy.yaml"),
+            tmp_path / "out", data=phantom_manifest, formats=["html", "pdf", "json", "junit"], sbom=True,
+            sign_key=tmp_path / "audit.key")
     assert (tmp_path / "out" / "report.pdf").is_file() and network_attempts == []
 
 

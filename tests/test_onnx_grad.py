@@ -65,6 +65,7 @@ def twins(tmp_path_factory):
     return load_model(d / "cnn.keras"), load_model(d / "cnn.onnx"), region_images(40, 2)[0]
 
 
+@pytest.mark.slow
 def test_tf2onnx_gradients_match_keras_and_pass_the_self_check(twins):
     keras_model, onnx_model, images = twins
     assert onnx_model.spec.layout == "NHWC" and onnx_model.spec.channels == 3
@@ -82,6 +83,7 @@ def test_tf2onnx_gradients_match_keras_and_pass_the_self_check(twins):
     np.testing.assert_allclose(np.exp(onnx_model.log_probs(images)), keras_model.predict_proba(images), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_asymmetric_padding_is_rewritten_and_the_rewrite_is_needed(twins):
     import onnx
     import onnx_ad
@@ -121,6 +123,7 @@ def test_asymmetric_padding_is_rewritten_and_the_rewrite_is_needed(twins):
                                                rng)) < onnx_grad.MAX_REL_ERROR
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm,eps", [("inf", 0.01), ("2", 0.2)])
 @pytest.mark.parametrize("target", [None, 2])
 def test_uap_crafted_on_onnx_equals_uap_crafted_on_keras(twins, norm, eps, target):
@@ -135,6 +138,7 @@ def test_uap_crafted_on_onnx_equals_uap_crafted_on_keras(twins, norm, eps, targe
     np.testing.assert_allclose(o.rho, k.rho, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", ["inf", "2"])
 def test_sgd_uap_on_onnx_equals_keras(twins, norm):
     keras_model, onnx_model, images = twins

@@ -3,6 +3,7 @@ rules judge the worst, the report shows the spread."""
 import json
 
 import numpy as np
+import pytest
 
 from auditkit.policy import parse_policy
 from auditkit.uap.base import AttackSettings, cell_rng
@@ -25,6 +26,7 @@ def test_a_grid_with_restarts_expands_every_cell_that_many_times():
     assert [c.key for c in cells] == [f"nontargeted_{n}_z0.02{r}" for n in ("inf", "2") for r in ("", "_r1", "_r2")]
 
 
+@pytest.mark.slow
 def test_restarts_craft_distinct_uaps_and_rules_judge_the_worst(tmp_path, tiny_model, phantom_manifest):
     single = policy(tmp_path / "one.yaml", zetas=(0.1,))
     three = tmp_path / "three.yaml"

@@ -48,6 +48,18 @@ def reference(tmp_path_factory, tiny_model, phantom_manifest):
     return d, policy
 
 
+@pytest.fixture
+def finished(tmp_path):
+    """A finished run's folder without an audit (test_report's two-cell result, through results.json): what the
+    checkpoint store's own tests need (the kill tests resume real audits)."""
+    from auditkit import report
+    from test_report import make_result
+
+    run = tmp_path / "run"
+    report.write_reports(make_result(run), run, ["json"])
+    return run
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kill_after_cells", [0, 2, CELLS])
 def test_a_run_killed_at_any_point_resumes_to_the_same_uaps_and_results(reference, tiny_model, phantom_manifest,
@@ -73,44 +85,41 @@ def test_a_run_killed_at_any_point_resumes_to_the_same_uaps_and_results(referenc
     assert not resume_dir(out).exists()
 
 
-def test_a_changed_input_starts_afresh_and_says_which(reference, tmp_path):
-    d, _ = reference
-    result = read_json(d / "ref" / "results.json")
+def test_a_changed_input_starts_afresh_and_says_which(finished, tmp_path):
+    result = read_json(finished / "results.json")
     inputs = {"model": "a", "data": "b", "policy": "c", "seed": 5}
     store = CellStore.open(tmp_path / ".out.resume", inputs, print)
-    store.save(result.cells[0], d / "ref")
+    store.save(result.cells[0], finished)
     lines = []
     same = CellStore.open(tmp_path / ".out.resume", inputs, lines.append)
     restored = same.restore(result.cells[0].key, tmp_path / "staging")
     assert lines == [] and restored == result.cells[0]
     assert (tmp_path / "staging" / result.cells[0].uap_file).read_bytes() == \
-        (d / "ref" / result.cells[0].uap_file).read_bytes()
+        (finished / result.cells[0].uap_file).read_bytes()
     changed = CellStore.open(tmp_path / ".out.resume", inputs | {"seed": 6}, lines.append)
     assert lines == ["starting afresh: the seed differs from the interrupted run's ('.out.resume')"]
     assert changed.restore(result.cells[0].key, tmp_path / "again") is None
 
 
-def test_a_damaged_checkpoint_is_crafted_again_not_trusted(reference, tmp_path):
-    d, _ = reference
-    cell = read_json(d / "ref" / "results.json").cells[0]
+def test_a_damaged_checkpoint_is_crafted_again_not_trusted(finished, tmp_path):
+    cell = read_json(finished / "results.json").cells[0]
     store = CellStore.open(tmp_path / "r", {"model": "a"}, print)
-    store.save(cell, d / "ref")
+    store.save(cell, finished)
     blob = next((tmp_path / "r" / "files").iterdir())
     blob.write_bytes(blob.read_bytes()[:-1] + b"\0")
     assert store.restore(cell.key, tmp_path / "staging") is None
     assert json.loads((tmp_path / "r" / "inputs.json").read_text()) == {"model": "a"}
 
 
-def test_the_folder_is_made_at_the_first_write_and_an_outdated_one_kept_until_then(reference, tmp_path):
+def test_the_folder_is_made_at_the_first_write_and_an_outdated_one_kept_until_then(finished, tmp_path):
     """A run refused or killed before it finishes anything leaves no folder, and an earlier run's stays usable."""
-    d, _ = reference
-    cell = read_json(d / "ref" / "results.json").cells[0]
+    cell = read_json(finished / "results.json").cells[0]
     folder, inputs, lines = tmp_path / ".out.resume", {"model": "a", "seed": 5}, []
     store = CellStore.open(folder, inputs, lines.append)
     assert store.restore(cell.key, tmp_path / "staging") is None and not folder.exists()
     assert store.remembered("reach:x", lambda: 0.5) == 0.5
     assert json.loads((folder / "inputs.json").read_text()) == inputs
-    store.save(cell, d / "ref")
+    store.save(cell, finished)
 
     changed = CellStore.open(folder, inputs | {"seed": 6}, lines.append)
     assert lines == ["starting afresh: the seed differs from the interrupted run's ('.out.resume')"]

@@ -174,7 +174,8 @@ def run_signalled(world: World, d: Path, at: str) -> tuple[int, str, Path]:
     return proc.returncode, (d / "err.txt").read_text(), d / "w"
 
 
-@pytest.mark.parametrize("phase", sorted(PHASES))
+@pytest.mark.parametrize("phase", [p if p in ("craft", "publish") else pytest.param(p, marks=pytest.mark.slow)
+                                   for p in sorted(PHASES)])  # two phases in the fast suite, all in the full one
 def test_a_signal_at_any_phase_publishes_nothing_and_says_so_in_one_line(world, tmp_path, phase):
     sig = PHASES[phase]
     code, err, w = run_signalled(world, tmp_path, f"{phase}:{sig.name}")
@@ -185,6 +186,7 @@ def test_a_signal_at_any_phase_publishes_nothing_and_says_so_in_one_line(world, 
     assert not list(w.glob(".out.partial-*"))
 
 
+@pytest.mark.slow
 def test_a_signal_after_the_outputs_are_published_lets_the_run_finish(world, tmp_path):
     code, err, w = run_signalled(world, tmp_path, "published:SIGTERM")
     assert code in (0, 1, 4), err
@@ -195,6 +197,7 @@ def test_a_signal_after_the_outputs_are_published_lets_the_run_finish(world, tmp
 
 
 # --------------------------------------------------------------------------- what killed runs left behind
+@pytest.mark.slow
 def test_stale_staging_folders_are_removed_and_a_live_ones_kept(world, tmp_path):
     import fcntl
 

@@ -74,6 +74,7 @@ def test_the_step_norm_is_in_the_cell_key_only_where_it_is_not_the_default():
     assert AttackSettings(**cell, step_norm="L2").step_norm == "2"
 
 
+@pytest.mark.slow
 def test_the_default_l2_cell_moves_and_beats_random_where_the_normalised_step_stays_inert():
     """policies/quick.yaml's sizes on the built-in default model: the paper's eps 0.001 with a normalised step never
     flips an image (rho stays 0); the authors' signed step does, and beats a random vector of the same norm."""

@@ -55,6 +55,7 @@ def test_paired_p_value_is_the_one_sided_exact_mcnemar_test():
     assert paired_p_value(uap, [control, control]) == paired_p_value(uap, [control])
 
 
+@pytest.mark.slow
 def test_a_working_attack_passes_every_check(tmp_path, tiny_model, phantom_manifest):
     code, output = run_cli("run", "--model", tiny_model, "--policy", policy(tmp_path / "p.yaml"),
                            "--data", phantom_manifest, "--out", tmp_path / "out")
@@ -69,6 +70,7 @@ def test_a_working_attack_passes_every_check(tmp_path, tiny_model, phantom_manif
     assert "Can this audit be trusted?" in (tmp_path / "out" / "report.html").read_text()
 
 
+@pytest.mark.slow
 def test_an_inert_attack_is_inconclusive_exit_4_and_a_junit_error(tmp_path, tiny_model, phantom_manifest):
     args = ("run", "--model", tiny_model, "--policy", policy(tmp_path / "p.yaml", eps=1e-9),
             "--data", phantom_manifest, "--out", tmp_path / "out")
@@ -120,6 +122,7 @@ def masked_twin(tiny_model: Path, folder: Path) -> Path:
     return folder / "masked.keras"
 
 
+@pytest.mark.slow
 def test_masked_gradients_fail_reachability_and_never_pass(tmp_path, tiny_model, phantom_manifest):
     masked = masked_twin(tiny_model, tmp_path)
     code, output = run_cli("run", "--model", masked, "--policy", policy(tmp_path / "p.yaml"),
@@ -130,6 +133,7 @@ def test_masked_gradients_fail_reachability_and_never_pass(tmp_path, tiny_model,
     assert any(check.endswith(": reachable") for check in results["rules"][0]["failed_checks"])
 
 
+@pytest.mark.slow
 def test_a_grid_with_two_algorithms_crafts_each_cell_twice_and_rules_judge_the_worst(tmp_path, tiny_model,
                                                                                      phantom_manifest):
     path = policy(tmp_path / "p.yaml", zetas=(0.1,))

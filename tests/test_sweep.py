@@ -53,6 +53,7 @@ def test_critical_zeta_rules_are_bounded_below_and_select_a_sweep():
         parse_policy({"version": 1, "attacks": [grid | {"sweep": {"low": 0.05, "high": 0.05}}]})
 
 
+@pytest.mark.slow
 def test_a_sweep_finds_where_the_tiny_model_breaks_and_a_rule_judges_it(tmp_path, tiny_model, phantom_manifest):
     path = policy(tmp_path / "p.yaml", zetas=(0.3,))
     path.write_text(path.read_text()

@@ -107,6 +107,7 @@ def test_missing_tensor_names_say_which_keys_to_set(tmp_path):
         load_model(meta)
 
 
+@pytest.mark.slow
 def test_a_tf1_checkpoint_audits_through_the_cli(tmp_path):
     meta = save_tf1_checkpoint(tmp_path / "ckpt")
     policy = tmp_path / "p.yaml"

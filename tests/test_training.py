@@ -17,6 +17,7 @@ def _tiny_model(seed):
     return keras.Model(inp, keras.layers.Dense(3, activation="softmax", kernel_initializer=init(seed + 1))(x))
 
 
+@pytest.mark.slow
 def test_train_model_is_deterministic_and_learns():
     rng = np.random.default_rng(0)
     x = rng.random((30, 32, 32), dtype=np.float32) * 0.2

@@ -49,15 +49,19 @@ def test_unknown_name_lists_the_zoo():
             call("resnet")
 
 
+@pytest.fixture(scope="module")
+def first_test_phantoms(tmp_path_factory):
+    """The first 90 images of the default test split (a smaller balanced split is a prefix of a larger one)."""
+    params = DEFAULT_PARAMS | {"n_train": 0, "n_test": 90}
+    return generate_phantoms(tmp_path_factory.mktemp("zoo") / "ph", **params)
+
+
 @pytest.mark.parametrize("name", sorted(zoo.ZOO))
-def test_shipped_weights_classify_the_phantom_test_split(name, tmp_path):
+def test_shipped_weights_classify_the_phantom_test_split(name, first_test_phantoms):
     info = zoo.weights_info(name)
     assert {"trained_on", "recipe", "epochs", "seed", "test_accuracy", "date", "sha256"} <= set(info)
     assert "phantom" in info["trained_on"]
-    # The first 90 images of the default test split (a smaller balanced split is a prefix of a larger one).
-    params = DEFAULT_PARAMS | {"n_train": 0, "n_test": 90}
-    manifest = generate_phantoms(tmp_path / "ph", **params)
-    data = load_dataset(manifest, zoo.ZOO[name].classes, preprocess=Preprocess(**TRAIN_PREPROCESS),
+    data = load_dataset(first_test_phantoms, zoo.ZOO[name].classes, preprocess=Preprocess(**TRAIN_PREPROCESS),
                         cache_dir=False)
     model = zoo.load_zoo_model(name)
     pred = np.argmax(model.predict(data.floats()[..., None], batch_size=45, verbose=0), axis=1)
@@ -77,6 +81,7 @@ def test_load_checks_weights_exist_and_match_their_sha256(tmp_path, monkeypatch)
         zoo.load_zoo_model("covidnet_small")
 
 
+@pytest.mark.slow
 def test_quick_policy_runs_end_to_end_on_the_builtin_default(tmp_path):
     """The out-of-the-box command: a zoo model, the shipped quick.yaml, no --data (the built-in phantoms)."""
     from pathlib import Path
