@@ -68,7 +68,10 @@ def supervised(tmp_path: Path, body: str, *, ignore=()) -> tuple[int, str, Path]
         supervise(child, lambda line: print(line, file=sys.stderr))
     """).replace("{body}", textwrap.indent(textwrap.dedent(body), " " * 8)))
     proc = start([sys.executable, str(script), str(tmp_path / "staged")], tmp_path / "err.txt", ignore=ignore)
-    proc.wait(timeout=60)
+    try:
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()  # a hung supervisor must fail the test, not outlive it
     return proc.returncode, (tmp_path / "err.txt").read_text(), tmp_path / "staged"
 
 
@@ -144,21 +147,8 @@ def test_a_child_that_crashes_is_an_internal_error_never_a_negative_exit(tmp_pat
 
 
 # --------------------------------------------------------------------------- real runs, every phase
-SIGNAL_POLICY = """version: 1
-seed: 1
-data:
-  classes: [normal, pneumonia, COVID-19]
-  preprocess: {crop_top: 0}
-attacks:
-  - kinds: [nontargeted]
-    norms: [inf]
-    zetas: [0.1]
-    max_iter: 1
-    algorithm: blackbox
-    blackbox: {batch_size: 3, samples: 1, low_res: 4}
-random_controls: {draws: 1}
-report: {formats: [json, html]}
-"""
+SIGNAL_POLICY = POLICY.replace("random_controls: {draws: 0}", "random_controls: {draws: 1}").replace(
+    "report: {formats: [json]}", "report: {formats: [json, html]}")  # controls and a report: every phase
 PHASES = {"load": signal.SIGTERM, "decode": signal.SIGINT, "clean": signal.SIGHUP, "craft": signal.SIGTERM,
           "evaluate": signal.SIGINT, "controls": signal.SIGHUP, "report": signal.SIGTERM,
           "evidence": signal.SIGINT, "publish": signal.SIGHUP}
